@@ -1,0 +1,335 @@
+"""Artifact store: a local directory or an S3 prefix behind one small byte-oriented interface.
+
+Keys are relative POSIX paths ("stages/finetune/<key>/manifest.json"); every key is checked so
+nothing can be read or written outside the store root.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import tempfile
+import uuid
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+# Temporary files of in-flight local writes start with this; keys may not, so list() can skip them.
+_TMP_PREFIX = ".vitpipe-tmp-"
+_S3_DELETE_BATCH = 1000
+_S3_ERRORS = (ClientError, BotoCoreError)
+
+
+class StoreError(Exception):
+    """An artifact store operation failed; the message names the store URI and the key."""
+
+
+def clean_key(key: str) -> str:
+    """Return `key` if it is a safe relative POSIX path inside the store, else raise StoreError."""
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"invalid key {key!r}: must be a non-empty string")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise StoreError(f"invalid key {key!r}: contains control characters")
+    if "\\" in key:
+        raise StoreError(f"invalid key {key!r}: contains a backslash")
+    if key.startswith("/"):
+        raise StoreError(f"invalid key {key!r}: must be relative")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise StoreError(f"invalid key {key!r}: empty, '.' or '..' path component")
+        if part.startswith(_TMP_PREFIX):
+            raise StoreError(f"invalid key {key!r}: component starts with reserved {_TMP_PREFIX!r}")
+    return key
+
+
+def _clean_prefix(prefix: str) -> str:
+    """A directory prefix: "" (the whole store) or a clean key; one trailing slash is tolerated."""
+    prefix = prefix[:-1] if prefix.endswith("/") else prefix
+    return clean_key(prefix) if prefix else ""
+
+
+class ArtifactStore(abc.ABC):
+    """Byte-level access to artifacts under one root; `uri` names the root in messages and configs."""
+
+    uri: str
+
+    @abc.abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write `data` atomically: readers see the old object or the new one, never a partial one."""
+
+    @abc.abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The object's bytes; StoreError if it does not exist."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object (not a directory) exists at `key`."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys (relative to the store root) of all objects under directory `prefix`."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing object is not an error."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object under directory `prefix` (which must not be empty)."""
+
+    def local_path(self, key: str) -> str | None:
+        """A filesystem path for `key` when the store is local, else None."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+class LocalStore(ArtifactStore):
+    """A directory on a local (or mounted shared) filesystem; created if missing."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.uri = self.root
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.uri}: cannot create store directory: {e.strerror}") from e
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *clean_key(key).split("/"))
+
+    def local_path(self, key: str) -> str | None:
+        return self._path(key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        parent = os.path.dirname(path)
+        tmp = None
+        try:
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(parent)
+        except OSError as e:
+            raise StoreError(f"{self.uri}: {key}: write failed: {e.strerror or e}") from e
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.uri}: {key}: no such object") from e
+        except OSError as e:
+            raise StoreError(f"{self.uri}: {key}: read failed: {e.strerror or e}") from e
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = _clean_prefix(prefix)
+        top = self._path(prefix) if prefix else self.root
+        keys = []
+        for dirpath, _, filenames in os.walk(top):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for name in filenames:
+                if not name.startswith(_TMP_PREFIX):
+                    keys.append(name if rel == "." else f"{rel}/{name}")
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"{self.uri}: {key}: delete failed: {e.strerror or e}") from e
+
+    def delete_prefix(self, prefix: str) -> None:
+        prefix = _clean_prefix(prefix)
+        if not prefix:
+            raise StoreError(f"{self.uri}: refusing to delete the whole store (empty prefix)")
+        path = self._path(prefix)
+        try:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+        except OSError as e:
+            raise StoreError(f"{self.uri}: {prefix}/: delete failed: {e.strerror or e}") from e
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class S3Store(ArtifactStore):
+    """Objects under `s3://bucket/prefix` via boto3; endpoint and credentials come from boto3's usual
+    sources (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, ...), so MinIO and other S3 clones work.
+
+    The client is created lazily and dropped when pickled, so a store can be shipped to Ray workers.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, max_attempts: int = 5) -> None:
+        if not bucket or "/" in bucket:
+            raise StoreError(f"s3://{bucket}: invalid bucket name {bucket!r}")
+        self.bucket = bucket
+        self.prefix = _clean_prefix(prefix)
+        self.max_attempts = max_attempts
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client: BaseClient | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> BaseClient:
+        if self._client is None:
+            config = Config(
+                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+            )
+            try:
+                # A private session: creating clients from boto3's default session is not thread-safe.
+                self._client = boto3.session.Session().client("s3", config=config)
+            except (BotoCoreError, ValueError) as e:
+                raise StoreError(f"{self.uri}: cannot create S3 client: {e}") from e
+        return self._client
+
+    def _object_key(self, key: str) -> str:
+        key = clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _dir_key(self, prefix: str) -> str:
+        """The S3 key prefix (ending in "/", or "" for the root) of directory `prefix`."""
+        prefix = _clean_prefix(prefix)
+        full = "/".join(p for p in (self.prefix, prefix) if p)
+        return f"{full}/" if full else ""
+
+    def _error(self, key: str, what: str, e: Exception) -> StoreError:
+        """A StoreError naming store, endpoint and key; botocore messages carry no credentials."""
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            reason = f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")
+        else:
+            reason = str(e)
+        endpoint = self._client.meta.endpoint_url if self._client is not None else "<none>"
+        return StoreError(f"{self.uri} (endpoint {endpoint}): {key}: {what} failed: {reason}")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        obj = self._object_key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=obj, Body=data)
+        except _S3_ERRORS as e:
+            raise self._error(key, "put", e) from e
+
+    def read_bytes(self, key: str) -> bytes:
+        obj = self._object_key(key)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=obj)["Body"].read()
+        except ClientError as e:
+            if _is_not_found(e):
+                raise StoreError(f"{self.uri}: {key}: no such object") from e
+            raise self._error(key, "get", e) from e
+        except BotoCoreError as e:
+            raise self._error(key, "get", e) from e
+
+    def exists(self, key: str) -> bool:
+        obj = self._object_key(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=obj)
+            return True
+        except ClientError as e:
+            if _is_not_found(e):
+                return False
+            raise self._error(key, "head", e) from e
+        except BotoCoreError as e:
+            raise self._error(key, "head", e) from e
+
+    def _list_objects(self, prefix: str) -> list[str]:
+        """Full S3 keys of the objects under directory `prefix`."""
+        dir_key = self._dir_key(prefix)
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=dir_key)
+            for page in pages:
+                found.extend(obj["Key"] for obj in page.get("Contents", []))
+        except _S3_ERRORS as e:
+            raise self._error(prefix or "/", "list", e) from e
+        return found
+
+    def list(self, prefix: str = "") -> list[str]:
+        strip = len(self._dir_key(""))
+        return sorted(k[strip:] for k in self._list_objects(prefix))
+
+    def delete(self, key: str) -> None:
+        obj = self._object_key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=obj)
+        except _S3_ERRORS as e:
+            raise self._error(key, "delete", e) from e
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not _clean_prefix(prefix):
+            raise StoreError(f"{self.uri}: refusing to delete the whole store (empty prefix)")
+        keys = self._list_objects(prefix)
+        for i in range(0, len(keys), _S3_DELETE_BATCH):
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + _S3_DELETE_BATCH]], "Quiet": True}
+            try:
+                resp = self.client.delete_objects(Bucket=self.bucket, Delete=batch)
+            except _S3_ERRORS as e:
+                raise self._error(prefix, "delete", e) from e
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StoreError(
+                    f"{self.uri}: {prefix}: delete failed for {len(resp['Errors'])} objects, "
+                    f"first {first.get('Key')}: {first.get('Code')}"
+                )
+
+
+def _is_not_found(e: ClientError) -> bool:
+    return e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def open_store(uri: str) -> ArtifactStore:
+    """`s3://bucket/prefix` -> S3Store; a local path -> LocalStore (directory created if missing)."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        return S3Store(bucket, prefix)
+    if "://" in uri:
+        raise StoreError(f"{uri}: unsupported store URI scheme (use a local path or s3://bucket/prefix)")
+    return LocalStore(uri)
+
+
+def check_writable(store: ArtifactStore) -> None:
+    """Preflight: write, read back and delete a small probe object; StoreError naming the store."""
+    key = f".vitpipe-probe-{uuid.uuid4().hex}"
+    payload = b"vitpipe probe " + key.encode()
+    try:
+        store.write_bytes(key, payload)
+        if store.read_bytes(key) != payload:
+            raise StoreError(f"{store.uri}: {key}: probe read back different bytes")
+        store.delete(key)
+    except StoreError as e:
+        raise StoreError(f"artifact store {store.uri} is not writable: {e}") from e
