@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -51,3 +52,25 @@ def s3_bucket(s3_client: BaseClient) -> str:
     bucket = f"vitpipe-test-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=bucket)
     return f"s3://{bucket}/root"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: one local instance for the session (2 CPUs, like CI), quiet, with the repo importable.
+# ---------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
+    yield
+    ray.shutdown()

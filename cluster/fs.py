@@ -1,0 +1,24 @@
+"""Resolve a dataset/artifact URI (local path or s3://bucket/prefix) to a pyarrow filesystem."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for `uri`; S3 honours AWS_ENDPOINT_URL(_S3) like boto3 does."""
+    if is_s3(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            allow_bucket_creation=False,
+        )
+        return fs, uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)

@@ -1,0 +1,368 @@
+"""The one training loop: Ray Train TorchTrainer workers, each driving a DeepSpeed engine.
+
+A stage composes a `Recipe` (model builder, data, loss, optional evaluation) and calls `fit`.
+Data parallelism is exact: every optimizer step consumes one global batch, split evenly across
+ranks, so N workers follow the same loss trajectory as one worker with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# DeepSpeed's fault-tolerance checkpoints are written and read only by the workers of one Ray Train
+# run, inside its own storage path; every artifact that leaves a stage is safetensors.
+DS_TAG = "step"
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and DeepSpeed settings shared by every training stage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(200, gt=0, description="optimizer steps")
+    batch_size: int = Field(64, gt=0, description="global batch (all workers, all accumulation steps)")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    max_failures: int = Field(2, ge=-1)
+
+
+class Resources(BaseModel):
+    """Where a training stage runs: mapped onto Ray Train's ScalingConfig."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_when_distributed(self) -> Resources:
+        if self.num_workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError("fractional gpus_per_worker needs num_workers = 1")
+        return self
+
+    def ray_resources(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+        if self.memory_gb:
+            res["memory"] = self.memory_gb * 2**30
+        return res
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a recipe's data source needs to yield this rank's share of each global batch."""
+
+    rank: int
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    start_step: int
+    steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A stage's training problem, composed from plain functions (all picklable).
+
+    data(ctx) yields this rank's micro-batches in step order starting at ctx.start_step;
+    loss(model, batch) -> (scalar loss, {name: float}); evaluate(model) -> metrics (rank 0 only);
+    select_metric: keep the trainable state with the highest value of this evaluation metric.
+    """
+
+    build_model: Callable[[], nn.Module]
+    data: Callable[[DataContext], Iterator[Any]]
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    select_metric: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorBatches:
+    """Deterministic micro-batches from in-memory tensors (a Recipe's `data`).
+
+    The sample stream is a concatenation of seeded per-epoch permutations; optimizer step s takes
+    the next global batch from it, cut into grad_accum chunks, each chunk split evenly by rank.
+    `transform(batch, generator)` augments with a generator seeded by (seed, step, rank, chunk).
+    """
+
+    load: Callable[[], tuple[torch.Tensor, ...]]
+    transform: Callable[[tuple[torch.Tensor, ...], torch.Generator], Any] | None = None
+
+    def __call__(self, ctx: DataContext) -> Iterator[Any]:
+        tensors = self.load()
+        n = len(tensors[0])
+        chunk = ctx.micro_batch * ctx.world_size
+        perms: dict[int, torch.Tensor] = {}
+
+        def positions(start: int, count: int) -> torch.Tensor:
+            pos = torch.arange(start, start + count)
+            for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+                if epoch not in perms:
+                    gen = torch.Generator().manual_seed(ctx.seed + epoch)
+                    perms[epoch] = torch.randperm(n, generator=gen)
+            return torch.stack([perms[int(p) // n][int(p) % n] for p in pos])
+
+        for step in range(ctx.start_step, ctx.steps):
+            for a in range(ctx.grad_accum):
+                begin = (step * ctx.grad_accum + a) * chunk + ctx.rank * ctx.micro_batch
+                idx = positions(begin, ctx.micro_batch)
+                batch = tuple(t[idx] for t in tensors)
+                if self.transform is not None:
+                    gen = torch.Generator().manual_seed(hash((ctx.seed, step, ctx.rank, a)) % 2**63)
+                    batch = self.transform(batch, gen)
+                yield batch
+
+
+@dataclass
+class TrainJob:
+    name: str
+    recipe: Recipe
+    train: TrainConfig
+    resources: Resources
+    storage_path: str
+    seed: int = 0
+    on_log: Callable[[int, int, dict[str, float]], None] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train plus all buffers: what a stage must store to rebuild the model."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (1-D or named)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token", "mask_token"))
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(cfg: TrainConfig) -> Callable[[int], float]:
+    """Per-iteration linear warm-up then cosine to min_lr, as a multiplier of cfg.lr."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        floor = cfg.min_lr / cfg.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is not divisible by workers x grad_accum "
+            f"({world_size} x {cfg.grad_accum})"
+        )
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // (world_size * cfg.grad_accum),
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _all_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return float(t.item())
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker; see `fit`."""
+    import deepspeed
+    import ray.train
+
+    job: TrainJob = config["job"]
+    cfg, recipe = job.train, job.recipe
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = torch.cuda.is_available() and job.resources.gpus_per_worker > 0
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
+    torch.manual_seed(job.seed)
+
+    model = recipe.build_model()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, on_gpu),
+        dist_init_required=False,
+    )
+
+    state = _resume(engine)
+    data = recipe.data(
+        DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
+                    state["step"], cfg.steps, job.seed)
+    )
+    window_start, window_images = time.perf_counter(), 0
+    for step in range(state["step"], cfg.steps):
+        engine.train()
+        sums: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            batch = _to_device(next(data), device)
+            loss, parts = recipe.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            window_images += _batch_len(batch) * world
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        metrics = {k: _all_mean(v, device) for k, v in sums.items()}
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            metrics["images_per_s"] = window_images / max(elapsed, 1e-9)
+            metrics["lr"] = engine.get_lr()[0]
+            window_start, window_images = time.perf_counter(), 0
+            if rank == 0 and job.on_log is not None:
+                job.on_log(done, cfg.steps, metrics)
+        state["history"].append({"step": done, **{k: v for k, v in metrics.items() if k in sums}})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _checkpoint(engine, recipe, state, done, rank)
+
+
+def _resume(engine: Any) -> dict[str, Any]:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] = {"step": 0, "history": [], "best": None, "best_state": None}
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag=DS_TAG)
+        state.update(step=client["step"], history=client["history"], best=client["best"])
+        best = Path(d) / "best.safetensors"
+        if best.exists():
+            state["best_state"] = load_file(str(best))
+    return state
+
+
+def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, rank: int) -> None:
+    """Evaluate (rank 0), keep the best trainable state, save a DeepSpeed checkpoint, report."""
+    import ray.train
+
+    evaluation: dict[str, float] = {}
+    if rank == 0:
+        if recipe.evaluate is not None:
+            engine.eval()
+            with torch.no_grad():
+                evaluation = recipe.evaluate(engine.module)
+        score = evaluation.get(recipe.select_metric) if recipe.select_metric else None
+        if state["best_state"] is None or score is None or score > state["best"]["score"]:
+            state["best"] = {"score": score, "step": step, **evaluation}
+            state["best_state"] = trainable_state(engine.module)
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG, client_state={
+            "step": step, "history": state["history"], "best": state["best"]})
+        if rank == 0:
+            save_file(state["best_state"], os.path.join(d, "best.safetensors"))
+            Path(d, "result.json").write_text(json.dumps(
+                {"step": step, "history": state["history"], "best": state["best"]}))
+        ray.train.report({"step": step, **evaluation}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    while isinstance(batch, list | tuple | dict):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return int(batch.shape[0])
+
+
+def fit(job: TrainJob) -> TrainResult:
+    """Train `job.recipe` on `job.resources.num_workers` Ray Train workers; resume if interrupted.
+
+    Re-running a job with the same name and storage path continues from its last checkpoint.
+    Returns the best (or last) trainable state, the per-step loss history and final metrics.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = job.resources
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker=res.ray_resources(),
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=job.storage_path,
+            failure_config=FailureConfig(max_failures=job.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": job.extra_env} if job.extra_env else None,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {job.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        summary = json.loads(Path(d, "result.json").read_text())
+        state = load_file(str(Path(d) / "best.safetensors"))
+    best = {k: v for k, v in (summary["best"] or {}).items() if isinstance(v, int | float)}
+    last = summary["history"][-1] if summary["history"] else {}
+    metrics = {f"final_{k}": v for k, v in last.items() if k != "step"}
+    metrics.update({f"best_{k}" if k in ("score", "step") else k: v for k, v in best.items()})
+    return TrainResult(state=state, history=summary["history"], metrics=metrics)

@@ -1,0 +1,85 @@
+"""The shared DeepSpeed/Ray Train loop: exact data parallelism and resume after a worker failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x[:512], dtype=torch.float32) / 16.0, torch.tensor(y[:512])
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10))
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y), {}
+
+
+def _accuracy(model: nn.Module) -> dict[str, float]:
+    x, y = _digits()
+    return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
+
+
+class _CrashOnce:
+    """A loss that raises once at a given step (a real worker failure), recorded by a marker file."""
+
+    def __init__(self, marker: Path, at_call: int) -> None:
+        self.marker, self.at_call, self.calls = marker, at_call, 0
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        self.calls += 1
+        if self.calls == self.at_call and not self.marker.exists():
+            self.marker.write_text("crashed")
+            raise RuntimeError("injected worker failure")
+        return _loss(model, batch)
+
+
+def _job(tmp_path: Path, name: str, workers: int, loss=_loss, **train) -> TrainJob:
+    cfg = TrainConfig(**{"steps": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 2,
+                         "checkpoint_every": 4, "log_every": 4, **train})
+    recipe = Recipe(_mlp, TensorBatches(_digits), loss, evaluate=_accuracy, select_metric="accuracy")
+    return TrainJob(name, recipe, cfg, Resources(num_workers=workers), str(tmp_path / "ray"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    return fit(_job(tmp_path_factory.mktemp("reference"), "reference", 1))
+
+
+def _losses(result) -> torch.Tensor:
+    return torch.tensor([h["loss"] for h in result.history])
+
+
+def test_two_workers_follow_the_single_worker_trajectory(reference, tmp_path: Path) -> None:
+    two = fit(_job(tmp_path, "two", 2))
+    assert len(reference.history) == 12
+    assert torch.allclose(_losses(reference), _losses(two), rtol=1e-4, atol=1e-5)
+    assert _losses(reference)[-4:].mean() < _losses(reference)[:4].mean() * 0.95  # it learns
+    for name, value in reference.state.items():
+        assert torch.allclose(value, two.state[name], atol=1e-4), name
+
+
+def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path: Path) -> None:
+    accum = fit(_job(tmp_path, "accum", 1, grad_accum=2))
+    assert torch.allclose(_losses(reference), _losses(accum), rtol=1e-4, atol=1e-5)
+
+
+def test_failed_worker_resumes_from_last_checkpoint(reference, tmp_path: Path) -> None:
+    marker = tmp_path / "crashed"
+    resumed = fit(_job(tmp_path, "crashy", 1, loss=_CrashOnce(marker, at_call=7)))
+    assert marker.exists(), "the injected failure never happened"
+    assert [h["step"] for h in resumed.history] == list(range(1, 13))
+    assert torch.allclose(_losses(reference), _losses(resumed), rtol=1e-4, atol=1e-5)
+    assert resumed.metrics["accuracy"] == pytest.approx(reference.metrics["accuracy"], abs=1e-6)
