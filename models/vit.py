@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 from timm import create_model
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
@@ -11,6 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 def vitpipe_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The CPU/test backbone: 32 px, patch 4 (64 tokens), width 64, depth 4, 4 heads."""
     defaults = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
+    for hub_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(hub_only, None)
     return VisionTransformer(**{**defaults, **kwargs})
 
 
@@ -26,3 +31,16 @@ def build_vit(arch: str, num_classes: int = 0, img_size: int | None = None, **ov
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{arch!r} is not a timm VisionTransformer")
     return model
+
+
+class ViTSpec(BaseModel):
+    """A backbone named by its timm registry string, with the input size and shape overrides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: str = "vitpipe_tiny_patch4_32"
+    img_size: int = Field(32, gt=0)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self, num_classes: int = 0) -> VisionTransformer:
+        return build_vit(self.arch, num_classes=num_classes, img_size=self.img_size, **self.overrides)

@@ -1,0 +1,296 @@
+"""The runner: DAG of plain Ray tasks over the durable stage cache, tracked in MLflow.
+
+Every node is looked up by key first; a verified manifest is a hit and nothing runs. Misses run as
+Ray tasks that receive their upstream manifests as ObjectRefs, so independent nodes run concurrently
+within the cluster's resources. A node commits its manifest last, which makes a killed pipeline
+resumable: the re-run skips committed nodes and Ray Train resumes half-trained ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import ray
+
+from cluster.context import StageContext
+from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
+from cluster.progress import ConsoleProgress, ProgressBoard
+from cluster.store import ArtifactStore, check_writable, open_store
+from cluster.tracking import Tracker, flatten, git_commit
+from pipelines.dag import PACKAGE_ROOT, Node, build_dag, code_version, stage_keys
+from pipelines.report import print_summary, summary_artifacts
+from pipelines.spec import PipelineConfig
+from tasks.stages import STAGES
+
+log = logging.getLogger("vitpipe")
+
+
+@dataclass(frozen=True)
+class NodeEnv:
+    """What a node's Ray task needs to reach the store, MLflow and the progress board."""
+
+    store_uri: str
+    tracker: Tracker
+    run_id: str
+    seed: int
+    train_storage: str
+    board: Any
+
+
+@dataclass
+class NodeOutcome:
+    node: Node
+    key: str
+    status: str  # cached | ran | failed | skipped
+    seconds: float = 0.0
+    manifest: Manifest | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    outcomes: list[NodeOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status in ("cached", "ran") for o in self.outcomes)
+
+
+@ray.remote(max_retries=2)
+def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream: Manifest) -> Manifest:
+    """Run one stage and commit its manifest; reuse a manifest another runner committed meanwhile."""
+    store = open_store(env.store_uri)
+    done = load_manifest(store, node.kind, key)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    writer = StageWriter(store, node.kind, key)
+    ctx = StageContext(node.name, node.kind, key, env.seed, store, writer, env.tracker, env.run_id,
+                       env.train_storage, env.board)
+    result = STAGES[node.kind].run(ctx, node.config(), dict(zip(roles, upstream, strict=True)))
+    manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
+                             timings={"seconds": time.perf_counter() - started})
+    env.tracker.log_metrics(env.run_id, result.metrics)
+    env.tracker.log_bytes(env.run_id, "manifest.json", canonical_json(manifest.model_dump(mode="json")))
+    return manifest
+
+
+def connect_ray(cfg: PipelineConfig) -> None:
+    """Connect to RAY_ADDRESS / the configured cluster, else start a local Ray, quietly."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **quiet)
+
+
+def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
+    """Ray Train's checkpoints: beside the artifacts (S3 on a cluster, the work dir locally)."""
+    if store.uri.startswith("s3://"):
+        return f"{store.uri.rstrip('/')}/ray-train"
+    return str(Path(cfg.work_dir).resolve() / "ray-train")
+
+
+def plan(cfg: PipelineConfig) -> list[tuple[Node, str, str]]:
+    """(node, key, "cached" | "pending") in topological order; runs nothing."""
+    store = open_store(cfg.store_uri)
+    nodes = build_dag(cfg)
+    keys = stage_keys(nodes, cfg.seed, code_version())
+    return [(n, keys[n.name], "cached" if load_manifest(store, n.kind, keys[n.name]) else "pending")
+            for n in nodes]
+
+
+class _Run:
+    """One pipeline run: launches nodes, follows them, records the outcome in MLflow."""
+
+    def __init__(self, cfg: PipelineConfig, out: TextIO) -> None:
+        self.cfg, self.out = cfg, out
+        self.store = open_store(cfg.store_uri)
+        check_writable(self.store)
+        self.tracker = Tracker(cfg.tracking, cfg.experiment)
+        self.tracker.check_reachable()
+        self.nodes = build_dag(cfg)
+        self.version = code_version()
+        self.keys = stage_keys(self.nodes, cfg.seed, self.version)
+        self.progress = ConsoleProgress(out)
+        self.refs: dict[str, Any] = {}
+        self.child: dict[str, str] = {}
+        self.outcomes: dict[str, NodeOutcome] = {}
+        self.pending: dict[Any, tuple[Node, float]] = {}
+        self.waiting: list[Node] = []
+
+    def start_parent(self) -> str:
+        commit = git_commit(PACKAGE_ROOT) or "unknown"
+        tags = {"vitpipe.pipeline": self.cfg.name, "vitpipe.git_commit": commit,
+                "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri,
+                "vitpipe.config_sha": _sha(self.cfg.model_dump(mode="json"))}
+        self.parent = self.tracker.start_run(self.cfg.name, tags)
+        self.tracker.log_params(self.parent, flatten(self.cfg.model_dump(mode="json")))
+        return self.parent
+
+    def lineage_tags(self, node: Node, cached: bool) -> dict[str, str]:
+        tags = {"vitpipe.node": node.name, "vitpipe.stage.kind": node.kind,
+                "vitpipe.stage.key": self.keys[node.name], "vitpipe.cached": "yes" if cached else "no",
+                "vitpipe.upstream": json.dumps({r: self.keys[d] for r, d in node.deps.items()}),
+                "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri}
+        data = self.refs.get(node.deps.get("data", ""))
+        if isinstance(data, Manifest):
+            tags["vitpipe.data.fingerprint"] = data.outputs["fingerprint"]
+        return tags
+
+    def open_node(self, node: Node) -> None:
+        """A child run per node; a cache hit is recorded at once, a miss waits to be scheduled."""
+        key = self.keys[node.name]
+        cached = load_manifest(self.store, node.kind, key)
+        run_id = self.tracker.start_run(node.name, self.lineage_tags(node, cached is not None), self.parent)
+        self.child[node.name] = run_id
+        self.tracker.log_params(run_id, flatten(node.cfg))
+        if cached is None:
+            self.waiting.append(node)
+            return
+        self.refs[node.name] = cached
+        self.tracker.log_metrics(run_id, cached.metrics)
+        self.tracker.finish(run_id)
+        self.outcomes[node.name] = NodeOutcome(node, key, "cached", manifest=cached)
+        self.progress.print(f"  cached   {node.name}  ({key[:12]})")
+
+    def schedule(self) -> None:
+        """Launch waiting nodes whose inputs are ready while the cluster has room for their workers.
+
+        One node always may run even if it asks for more than the cluster has now, so an
+        autoscaling cluster sees the demand and grows.
+        """
+        for node in list(self.waiting):
+            states = [self.outcomes[d].status if d in self.outcomes else None for d in node.deps.values()]
+            if any(s in ("failed", "skipped") for s in states):
+                self.waiting.remove(node)
+                self.skip(node)
+                continue
+            if any(s not in ("cached", "ran") for s in states):
+                continue
+            need = node.demand()
+            busy = [n.demand() for n, _ in self.pending.values()]
+            fits = all(sum(b.get(r, 0) for b in busy) + v <= self.capacity.get(r, 0) for r, v in need.items())
+            if self.pending and not fits:
+                continue
+            self.waiting.remove(node)
+            self.launch(node)
+
+    def launch(self, node: Node) -> None:
+        roles = list(node.deps)
+        env = NodeEnv(run_id=self.child[node.name], **self.env_base)
+        ref = execute_node.options(num_cpus=node.cpus, name=node.name).remote(
+            node, self.keys[node.name], env, roles, *[self.refs[node.deps[r]] for r in roles])
+        self.refs[node.name] = ref
+        self.pending[ref] = (node, time.perf_counter())
+
+    def skip(self, node: Node) -> None:
+        message = "an upstream node failed"
+        self.outcomes[node.name] = NodeOutcome(node, self.keys[node.name], "skipped", error=message)
+        self.tracker.finish(self.child[node.name], "KILLED")
+        self.progress.print(f"  skipped  {node.name}: {message}")
+
+    def collect(self, ref: Any) -> None:
+        node, started = self.pending.pop(ref)
+        key, run_id = self.keys[node.name], self.child[node.name]
+        seconds = time.perf_counter() - started
+        try:
+            manifest = ray.get(ref)
+        except Exception as err:  # a stage failed: record it, keep the independent branches going
+            message = _one_line(err)
+            self.outcomes[node.name] = NodeOutcome(node, key, "failed", seconds, error=message)
+            self.tracker.set_tags(run_id, {"vitpipe.error": message[:5000]})
+            self.tracker.finish(run_id, "FAILED")
+            self.progress.print(f"  failed   {node.name}: {message}")
+            return
+        self.outcomes[node.name] = NodeOutcome(node, key, "ran", seconds, manifest=manifest)
+        self.tracker.finish(run_id)
+        headline = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items() if "accuracy" in k)
+        self.progress.print(f"  done     {node.name}  {seconds:6.1f}s  {headline}")
+
+    def follow(self) -> None:
+        board_refresh = 0.0
+        self.schedule()
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                self.collect(ref)
+            if ready:
+                self.schedule()
+            if time.monotonic() - board_refresh > 0.5:
+                board_refresh = time.monotonic()
+                running = [n.name for n, _ in self.pending.values()]
+                self.progress.draw(running, ray.get(self.env_base["board"].snapshot.remote()))
+        self.progress.clear()
+
+    def start_ray(self) -> None:
+        """Ray is only started when something has to run: a fully cached re-run needs none."""
+        connect_ray(self.cfg)
+        self.capacity = {r: v for r, v in ray.cluster_resources().items() if r in ("CPU", "GPU")}
+        self.tracker.set_tags(self.parent, {"vitpipe.ray_address": ray.get_runtime_context().gcs_address})
+        self.env_base = {"store_uri": self.store.uri, "tracker": self.tracker, "seed": self.cfg.seed,
+                         "train_storage": train_storage(self.cfg, self.store),
+                         "board": ProgressBoard.remote()}
+
+    def execute(self) -> RunSummary:
+        self.start_parent()
+        self.out.write(f"vitpipe: run {self.parent} of {self.cfg.name!r}: {len(self.nodes)} nodes\n")
+        try:
+            for node in self.nodes:
+                self.open_node(node)
+            if self.waiting:
+                self.start_ray()
+                try:
+                    self.follow()
+                finally:
+                    ray.kill(self.env_base["board"])
+        except BaseException:
+            self.tracker.finish(self.parent, "FAILED")
+            raise
+        summary = RunSummary(self.parent, [self.outcomes[n.name] for n in self.nodes])
+        self.record(summary)
+        self.tracker.finish(self.parent, "FINISHED" if summary.ok else "FAILED")
+        return summary
+
+    def record(self, summary: RunSummary) -> None:
+        counts = {s: sum(o.status == s for o in summary.outcomes) for s in ("cached", "ran", "failed")}
+        self.tracker.set_tags(self.parent, {f"vitpipe.nodes_{k}": str(v) for k, v in counts.items()})
+        metrics, artifacts = summary_artifacts(summary.outcomes)
+        self.tracker.log_metrics(self.parent, metrics)
+        for name, data in artifacts.items():
+            self.tracker.log_bytes(self.parent, name, data)
+        print_summary(summary.outcomes, self.out)
+
+
+def run(cfg: PipelineConfig, out: TextIO = sys.stdout) -> RunSummary:
+    """Run the pipeline; returns each node's outcome (cached, ran, failed, skipped)."""
+    return _Run(cfg, out).execute()
+
+
+def _sha(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _one_line(err: BaseException) -> str:
+    """The root cause of a (possibly Ray-wrapped) exception as one line."""
+    cause = getattr(err, "cause", None) or err
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    # Ray Train wraps the worker's traceback: its last "SomeError: message" line is the root cause.
+    raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*?:", ln)]
+    if len(lines) > 1 and raised:
+        return raised[-1]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

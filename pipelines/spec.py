@@ -1,0 +1,149 @@
+"""Pipeline YAML -> frozen, validated pydantic config. Errors name the offending path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.train import Resources, TrainConfig
+from models.vit import ViTSpec
+from tasks.data import DataError, resolve_source
+from tasks.finetune import FinetuneMethod
+
+
+class ConfigError(Exception):
+    """A pipeline configuration problem; the message names the file and the config path."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetSpec(Frozen):
+    """Where a dataset comes from: a bundled source name, `imagefolder:PATH` or `vtab1k:PATH`."""
+
+    source: str
+    group: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        try:
+            resolve_source(source)
+        except DataError as err:
+            raise ValueError(str(err)) from None
+        return source
+
+
+class FinetuneStage(Frozen):
+    methods: tuple[FinetuneMethod, ...] = (FinetuneMethod(name="linear"),)
+    train: TrainConfig = TrainConfig()
+    resources: Resources = Resources()
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names_to_specs(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return [{"name": m} if isinstance(m, str) else m for m in value]
+        return value
+
+
+class Stages(Frozen):
+    finetune: FinetuneStage = FinetuneStage()
+
+
+class RayConfig(Frozen):
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0)
+    num_gpus: int | None = Field(None, ge=0)
+
+
+class PipelineConfig(Frozen):
+    name: str = "vitpipe"
+    seed: int = 0
+    work_dir: str = "vitpipe-work"
+    store: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "vitpipe"
+    ray: RayConfig = RayConfig()
+    backbone: ViTSpec = ViTSpec()
+    tasks: dict[str, DatasetSpec]
+    stages: Stages = Stages()
+
+    @model_validator(mode="after")
+    def _has_tasks(self) -> PipelineConfig:
+        if not self.tasks:
+            raise ValueError("a pipeline needs at least one downstream task")
+        return self
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or str(Path(self.work_dir) / "artifacts")
+
+    @property
+    def tracking(self) -> str:
+        return self.tracking_uri or f"sqlite:///{Path(self.work_dir).resolve() / 'mlflow.db'}"
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    """`a.b.0.c=value`: the value is parsed as YAML, so numbers, lists and booleans work."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    node: Any = data
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:i])
+                raise ConfigError(f"--set {path}: {part!r} is not an index of the list at {where}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {path}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = yaml.safe_load(raw)
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def parse_config(data: Any, source: str = "<config>", overrides: tuple[str, ...] = ()) -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = _format_loc(first["loc"]) or "<top level>"
+        msg = first["msg"].removeprefix("Value error, ")
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}: {msg}{more}") from None
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline YAML (safe-loaded), apply `--set` overrides, validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    return parse_config(data, str(path), overrides)
