@@ -271,6 +271,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append({"step": done, **{k: v for k, v in metrics.items() if k in sums}})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(engine, recipe, state, done, rank)
+    if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
+        _checkpoint(engine, recipe, state, cfg.steps, rank)
 
 
 def _resume(engine: Any) -> dict[str, Any]:

@@ -89,11 +89,11 @@ def connect_ray(cfg: PipelineConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address:
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **quiet)
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False, **quiet)
 
 
 def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
@@ -125,7 +125,6 @@ class _Run:
         self.version = code_version()
         self.keys = stage_keys(self.nodes, cfg.seed, self.version)
         self.progress = ConsoleProgress(out)
-        self.refs: dict[str, Any] = {}
         self.child: dict[str, str] = {}
         self.outcomes: dict[str, NodeOutcome] = {}
         self.pending: dict[Any, tuple[Node, float]] = {}
@@ -145,10 +144,15 @@ class _Run:
                 "vitpipe.stage.key": self.keys[node.name], "vitpipe.cached": "yes" if cached else "no",
                 "vitpipe.upstream": json.dumps({r: self.keys[d] for r, d in node.deps.items()}),
                 "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri}
-        data = self.refs.get(node.deps.get("data", ""))
-        if isinstance(data, Manifest):
-            tags["vitpipe.data.fingerprint"] = data.outputs["fingerprint"]
+        tags.update(self.input_tags(node))
         return tags
+
+    def input_tags(self, node: Node) -> dict[str, str]:
+        """Fingerprints of the datasets a node reads, once its data node has a manifest."""
+        data = self.outcomes.get(node.deps.get("data", ""))
+        if data is None or data.manifest is None:
+            return {}
+        return {"vitpipe.data.fingerprint": data.manifest.outputs["fingerprint"]}
 
     def open_node(self, node: Node) -> None:
         """A child run per node; a cache hit is recorded at once, a miss waits to be scheduled."""
@@ -160,7 +164,6 @@ class _Run:
         if cached is None:
             self.waiting.append(node)
             return
-        self.refs[node.name] = cached
         self.tracker.log_metrics(run_id, cached.metrics)
         self.tracker.finish(run_id)
         self.outcomes[node.name] = NodeOutcome(node, key, "cached", manifest=cached)
@@ -190,10 +193,11 @@ class _Run:
 
     def launch(self, node: Node) -> None:
         roles = list(node.deps)
-        env = NodeEnv(run_id=self.child[node.name], **self.env_base)
+        run_id = self.child[node.name]
+        self.tracker.set_tags(run_id, self.input_tags(node))
+        env = NodeEnv(run_id=run_id, **self.env_base)
         ref = execute_node.options(num_cpus=node.cpus, name=node.name).remote(
-            node, self.keys[node.name], env, roles, *[self.refs[node.deps[r]] for r in roles])
-        self.refs[node.name] = ref
+            node, self.keys[node.name], env, roles, *[self.outcomes[node.deps[r]].manifest for r in roles])
         self.pending[ref] = (node, time.perf_counter())
 
     def skip(self, node: Node) -> None:

@@ -127,8 +127,7 @@ def run(ctx: StageContext, cfg: FinetuneConfig, inputs: dict[str, Manifest]) -> 
     backbone = None
     if "backbone" in inputs:
         backbone = read_weights(ctx.store, inputs["backbone"], "encoder.safetensors")
-    ctx.set_tags({"backbone": "pretrained" if backbone is not None else "random-init",
-                  "dataset.fingerprint": data["fingerprint"]})
+    ctx.set_tags({"backbone": "pretrained" if backbone is not None else "random-init"})
     train = cfg.train if cfg.method.lr is None else cfg.train.model_copy(update={"lr": cfg.method.lr})
     recipe = Recipe(
         build_model=functools.partial(build_model, cfg, num_classes, backbone),

@@ -32,5 +32,5 @@ def run(ctx: StageContext, cfg: PrepareConfig, inputs: dict[str, Any]) -> StageR
         "counts": info.counts,
         "fingerprint": info.fingerprint,
     }
-    ctx.set_tags({"dataset.fingerprint": info.fingerprint, "dataset.source": cfg.source})
+    ctx.set_tags({"vitpipe.data.fingerprint": info.fingerprint, "vitpipe.data.source": cfg.source})
     return StageResult(metrics={f"rows_{k}": float(v) for k, v in info.counts.items()}, outputs=outputs)

@@ -1,0 +1,160 @@
+"""The runner end to end on real components: local Ray, DeepSpeed (gloo), MLflow, local and S3 stores."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cluster.manifest import load_manifest, stage_prefix
+from cluster.store import open_store
+from pipelines.audit import audit
+from pipelines.runner import plan, run
+from pipelines.spec import PipelineConfig, load_config
+
+
+def write_config(tmp_path: Path, name: str, tasks=("faces", "textures"), methods=("linear",), steps=12,
+                 cpus_per_worker=1, **top) -> Path:
+    data = {
+        "name": name, "seed": 0, "work_dir": str(tmp_path / "work"), "experiment": f"test-{name}",
+        "tasks": {t: {"source": t} for t in tasks},
+        "stages": {"finetune": {
+            "methods": list(methods),
+            "train": {"steps": steps, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 4, "log_every": 4},
+            "resources": {"num_workers": 1, "cpus_per_worker": cpus_per_worker}}},
+        **top,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def statuses(summary) -> dict[str, str]:
+    return {o.node.name: o.status for o in summary.outcomes}
+
+
+def checkpoint_dirs(cfg: PipelineConfig) -> list[Path]:
+    return sorted(Path(cfg.work_dir, "ray-train").glob("*/checkpoint_*"))
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("demo")
+    cfg = load_config(write_config(tmp, "e2e"))
+    out = io.StringIO()
+    return cfg, run(cfg, out), out.getvalue()
+
+
+def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
+    cfg, summary, console = first_run
+    assert summary.ok, console
+    assert statuses(summary) == {"data/faces": "ran", "data/textures": "ran",
+                                 "finetune/faces/linear": "ran", "finetune/textures/linear": "ran"}
+    assert "test accuracy (task x method)" in console
+    client = MlflowClient(cfg.tracking)
+    parent = client.get_run(summary.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["vitpipe.git_commit"] and parent.data.tags["vitpipe.nodes_ran"] == "4"
+    assert "mean_test_accuracy.linear" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(summary.run_id)} >= {"summary.json", "accuracy_table.csv"}
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary.run_id}'")
+    assert len(children) == 4
+    store = open_store(cfg.store_uri)
+    for child in children:
+        tags = child.data.tags
+        assert tags["vitpipe.cached"] == "no" and child.info.status == "FINISHED"
+        manifest = load_manifest(store, tags["vitpipe.stage.kind"], tags["vitpipe.stage.key"])
+        assert manifest is not None and manifest.mlflow_run_id == child.info.run_id
+        assert "manifest.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        if tags["vitpipe.stage.kind"] == "finetune":
+            assert tags["vitpipe.upstream"].startswith('{"data": ')
+            assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
+            assert child.data.tags["backbone"] == "random-init"
+            assert "loss" in child.data.metrics and "images_per_s" in child.data.metrics
+            assert len(tags["vitpipe.data.fingerprint"]) == 64
+            assert set(manifest.files) == {"model.safetensors", "history.json"}
+
+
+def test_rerun_trains_nothing(first_run) -> None:
+    cfg, _, _ = first_run
+    before = checkpoint_dirs(cfg)
+    out = io.StringIO()
+    again = run(cfg, out)
+    assert set(statuses(again).values()) == {"cached"}
+    assert "all 4 nodes cached: nothing was trained." in out.getvalue()
+    assert checkpoint_dirs(cfg) == before
+    assert all(status == "cached" for _, _, status in plan(cfg))
+
+
+def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
+    cfg, summary, _ = first_run
+    store = open_store(cfg.store_uri)
+    key = next(k for n, k, _ in plan(cfg) if n.name == "finetune/faces/linear")
+    weights = Path(store.local_path(f"{stage_prefix('finetune', key)}/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    _, rows = audit(summary.run_id, cfg.tracking)
+    corrupt = {r.node: r.problems for r in rows if r.problems}
+    assert list(corrupt) == ["finetune/faces/linear"] and "sha256 mismatch" in corrupt["finetune/faces/linear"][0]
+    assert {n.name for n, _, s in plan(cfg) if s == "pending"} == {"finetune/faces/linear"}
+
+    again = run(cfg, io.StringIO())
+    assert statuses(again)["finetune/faces/linear"] == "ran"
+    assert [s for n, s in statuses(again).items() if n != "finetune/faces/linear"] == ["cached"] * 3
+    assert load_manifest(store, "finetune", key) is not None
+
+
+def test_driver_killed_mid_run_resumes_only_unfinished_nodes(ray_local: str, tmp_path: Path) -> None:
+    # Each finetune node takes both CPUs, so they run one after another; kill after the first commits.
+    path = write_config(tmp_path, "killed", steps=40, cpus_per_worker=2)
+    cfg = load_config(path)
+    store = open_store(cfg.store_uri)
+    env = {**os.environ, "RAY_ADDRESS": ray_local}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    try:
+        while not store.list("stages/finetune") or not any(
+                k.endswith("manifest.json") for k in store.list("stages/finetune")):
+            assert proc.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "no finetune node finished in time"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = {n.name for n, _, s in plan(cfg) if s == "cached"}
+    assert {"data/faces", "data/textures"} <= done_before and len(done_before) == 3
+
+    resumed = run(cfg, io.StringIO())
+    assert resumed.ok
+    assert {n for n, s in statuses(resumed).items() if s == "ran"} == {
+        "finetune/faces/linear", "finetune/textures/linear"} - done_before
+
+
+def test_mlflow_server_and_s3_store(ray_local, mlflow_server: str, s3_bucket: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path, "remote", tasks=("faces",), tracking_uri=mlflow_server, store=s3_bucket)
+    cfg = load_config(path)
+    summary = run(cfg, io.StringIO())
+    assert summary.ok
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(summary.run_id).data.tags["vitpipe.store"] == s3_bucket
+    tags, rows = audit(summary.run_id, mlflow_server)
+    assert [r.node for r in rows] == ["data/faces", "finetune/faces/linear"]
+    assert all(not r.problems for r in rows)
+    store = open_store(s3_bucket)
+    assert any(k.endswith("model.safetensors") for k in store.list("stages/finetune"))
+    child = next(c for c in client.search_runs([client.get_run(summary.run_id).info.experiment_id],
+                                                f"tags.mlflow.parentRunId = '{summary.run_id}'")
+                 if c.data.tags["vitpipe.stage.kind"] == "finetune")
+    assert "manifest.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
