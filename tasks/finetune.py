@@ -17,7 +17,9 @@ from torch import nn
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
+from cluster.store import ArtifactStore
 from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from models.tome import apply_tome
 from models.vit import ViTSpec
 from tasks.data import load_split
 
@@ -68,6 +70,7 @@ class FinetuneConfig(BaseModel):
     train: TrainConfig
     resources: Resources
     augment: bool = True
+    tome_r: int = Field(0, ge=0, description="ToMe degree r the task model trains at (r_src)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,7 +121,19 @@ def build_model(cfg: FinetuneConfig, num_classes: int, backbone: dict[str, torch
         if unexpected or any(not k.startswith("head.") for k in missing):
             raise ValueError(f"backbone does not fit {cfg.backbone.arch}: missing {missing}, "
                              f"unexpected {unexpected}")
-    return METHODS[cfg.method.name](model)
+    model = METHODS[cfg.method.name](model)
+    return apply_tome(model, cfg.tome_r) if cfg.tome_r else model
+
+
+def load_task_model(store: ArtifactStore, cfg: FinetuneConfig, inputs: dict[str, Manifest]) -> nn.Module:
+    """The fine-tuned task model of a finetune node (`inputs`: its "model" manifest, its "data" manifest
+    and the pipeline's "backbone" manifest when there is one), in eval mode."""
+    backbone = None
+    if "backbone" in inputs:
+        backbone = read_weights(store, inputs["backbone"], "encoder.safetensors")
+    model = build_model(cfg, len(inputs["data"].outputs["classes"]), backbone)
+    model.load_state_dict(read_weights(store, inputs["model"], "model.safetensors"), strict=False)
+    return model.eval()
 
 
 def run(ctx: StageContext, cfg: FinetuneConfig, inputs: dict[str, Manifest]) -> StageResult:
