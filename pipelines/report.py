@@ -32,7 +32,7 @@ def _headline(o: Any) -> str:
     return (o.error or "")[:60]
 
 
-def print_summary(outcomes: list[Any], out: TextIO) -> None:
+def print_summary(outcomes: list[Any], groups: dict[str, str | None], out: TextIO) -> None:
     rows = [[o.node.name, o.status, o.key[:12], f"{o.seconds:.1f}s" if o.status == "ran" else "-",
              _headline(o)] for o in outcomes]
     out.write("\n" + _format_table(["node", "status", "key", "time", "test acc / error"], rows) + "\n")
@@ -40,6 +40,11 @@ def print_summary(outcomes: list[Any], out: TextIO) -> None:
     if cells:
         table = [[t, *(f"{cells[(t, m)]:.4f}" if (t, m) in cells else "-" for m in methods)] for t in tasks]
         out.write("\ntest accuracy (task x method)\n" + _format_table(["task", *methods], table) + "\n")
+        means = group_means(outcomes, groups)
+        stats = list(dict.fromkeys(k for row in means.values() for k in row))
+        if len(stats) > 1:
+            rows = [[stat, *(f"{means[m].get(stat, float('nan')):.4f}" for m in methods)] for stat in stats]
+            out.write("\n" + _format_table(["mean over", *methods], rows) + "\n")
     cached = sum(o.status == "cached" for o in outcomes)
     if cached == len(outcomes):
         out.write(f"\nall {cached} nodes cached: nothing was trained.\n")
@@ -50,13 +55,58 @@ def print_summary(outcomes: list[Any], out: TextIO) -> None:
     out.flush()
 
 
-def summary_artifacts(outcomes: list[Any]) -> tuple[dict[str, float], dict[str, bytes]]:
-    """Parent-run metrics (mean accuracy per method) and artifacts (summary JSON, accuracy CSV)."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def group_means(outcomes: list[Any], groups: dict[str, str | None]) -> dict[str, dict[str, float]]:
+    """Per method: the mean over tasks, per task group, and (with groups) the papers' VTAB "mean",
+    which averages the group means rather than the tasks."""
     tasks, methods, cells = accuracy_table(outcomes)
-    metrics = {}
+    out: dict[str, dict[str, float]] = {}
     for m in methods:
-        values = [cells[(t, m)] for t in tasks if (t, m) in cells]
-        metrics[f"mean_test_accuracy.{m}"] = sum(values) / len(values)
+        done = [t for t in tasks if (t, m) in cells]
+        row = {"mean": _mean([cells[(t, m)] for t in done])}
+        named = sorted({groups.get(t) for t in done} - {None})
+        for g in named:
+            row[g] = _mean([cells[(t, m)] for t in done if groups.get(t) == g])
+        if len(named) > 1:
+            row["mean_of_groups"] = _mean([row[g] for g in named])
+        out[m] = row
+    return out
+
+
+def heatmap_png(outcomes: list[Any]) -> bytes:
+    """Task x method test accuracy as a heat-map image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, methods, cells = accuracy_table(outcomes)
+    grid = [[cells.get((t, m), float("nan")) for m in methods] for t in tasks]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods), 1.0 + 0.45 * len(tasks)))
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
+    fig.colorbar(image, ax=ax, label="test accuracy")
+    ax.set_title("test accuracy (task x method)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def summary_artifacts(outcomes: list[Any], groups: dict[str, str | None]) -> tuple[dict[str, float], dict[str, bytes]]:
+    """Parent-run metrics (mean accuracy per method and group) and artifacts (summary JSON, accuracy
+    CSV, heat-map)."""
+    tasks, methods, cells = accuracy_table(outcomes)
+    metrics = {f"{stat}_test_accuracy.{m}": v
+               for m, row in group_means(outcomes, groups).items() for stat, v in row.items()}
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["task", *methods])
@@ -67,4 +117,5 @@ def summary_artifacts(outcomes: list[Any]) -> tuple[dict[str, float], dict[str, 
     artifacts = {"summary.json": json.dumps(nodes, indent=2).encode()}
     if cells:
         artifacts["accuracy_table.csv"] = buf.getvalue().encode()
+        artifacts["accuracy_heatmap.png"] = heatmap_png(outcomes)
     return metrics, artifacts

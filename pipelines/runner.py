@@ -271,11 +271,12 @@ class _Run:
     def record(self, summary: RunSummary) -> None:
         counts = {s: sum(o.status == s for o in summary.outcomes) for s in ("cached", "ran", "failed")}
         self.tracker.set_tags(self.parent, {f"vitpipe.nodes_{k}": str(v) for k, v in counts.items()})
-        metrics, artifacts = summary_artifacts(summary.outcomes)
+        groups = {name: spec.group for name, spec in self.cfg.tasks.items()}
+        metrics, artifacts = summary_artifacts(summary.outcomes, groups)
         self.tracker.log_metrics(self.parent, metrics)
         for name, data in artifacts.items():
             self.tracker.log_bytes(self.parent, name, data)
-        print_summary(summary.outcomes, self.out)
+        print_summary(summary.outcomes, groups, self.out)
 
 
 def run(cfg: PipelineConfig, out: TextIO = sys.stdout) -> RunSummary:
