@@ -1,0 +1,59 @@
+"""The pretraining objectives by name, and their weighted combination on one shared encoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from timm.models.vision_transformer import VisionTransformer
+
+from models.contrastive import InfoCL, InfoCLConfig
+from models.mim import LocalMIM, LocalMIMConfig
+
+# Each objective is built as cls(vit, cfg) and called as obj(vit, *views[: cls.num_views]).
+PRETRAIN_OBJECTIVES: dict[str, type[nn.Module]] = {"localmim": LocalMIM, "infocl": InfoCL}
+
+
+class PretrainObjectiveConfig(BaseModel):
+    """Weights of the objectives in the total loss (0 leaves one out) and each objective's own config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights: dict[str, float] = Field(default_factory=lambda: {"localmim": 1.0, "infocl": 1.0})
+    localmim: LocalMIMConfig = LocalMIMConfig()
+    infocl: InfoCLConfig = InfoCLConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainObjectiveConfig:
+        unknown = set(self.weights) - set(PRETRAIN_OBJECTIVES)
+        if unknown:
+            known = sorted(PRETRAIN_OBJECTIVES)
+            raise ValueError(f"unknown pretraining objective(s) {sorted(unknown)}, known: {known}")
+        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            raise ValueError(f"objective weights must be >= 0 with at least one > 0, got {self.weights}")
+        return self
+
+
+class PretrainObjective(nn.Module):
+    """sum_k w_k * objective_k on a shared encoder: LocalMIM masks view1 itself, InfoCL sees both unmasked views.
+
+    Only objectives with a non-zero weight are built, so a zero weight costs nothing.
+    """
+
+    def __init__(self, vit: VisionTransformer, cfg: PretrainObjectiveConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or PretrainObjectiveConfig()
+        self.objectives = nn.ModuleDict(
+            {name: PRETRAIN_OBJECTIVES[name](vit, getattr(cfg, name)) for name, w in cfg.weights.items() if w > 0}
+        )
+
+    def forward(
+        self, vit: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """view1, view2: (N, 3, H, W) augmented views -> (total loss, per-objective and per-term floats)."""
+        total, stats = 0.0, {}
+        for name, objective in self.objectives.items():
+            loss, terms = objective(vit, *(view1, view2)[: objective.num_views])
+            total = total + self.cfg.weights[name] * loss
+            stats.update(terms, **{name: float(loss.detach())})
+        return total, stats
