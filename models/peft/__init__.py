@@ -1,0 +1,41 @@
+"""Parameter-efficient fine-tuning methods for timm ViTs, one file each, behind one life cycle.
+
+Usage, the same for every method:
+    method = PEFT_METHODS["fact_tt"]
+    model = method.apply(model, cfg)          # freeze the backbone, inject; the head trains
+    opt = AdamW(method.trainable_parameters(model).values())
+    state = method.delta_state(model)         # what a task stores
+    method.load_delta(method.apply(fresh_backbone, cfg), state)
+    plain = method.merge(model)               # mergeable methods: back to plain timm weights
+Adding a method: one file with a PeftMethod subclass, one line in PEFT_METHODS.
+"""
+
+from __future__ import annotations
+
+from models.peft.adaptformer import AdaptFormer
+from models.peft.base import PeftConfig, PeftError, PeftMethod
+from models.peft.bi_adapter import BiAdapter
+from models.peft.bitfit import BitFit
+from models.peft.consolidator import Consolidator
+from models.peft.convpass import Convpass
+from models.peft.fact import FacTTK, FacTTT
+from models.peft.full import FullFinetune
+from models.peft.linear import LinearProbe
+from models.peft.lora import Lora
+from models.peft.vpt import Vpt
+
+PEFT_METHODS: dict[str, PeftMethod] = {
+    "linear": LinearProbe(),
+    "full": FullFinetune(),
+    "bitfit": BitFit(),
+    "lora": Lora(),
+    "adaptformer": AdaptFormer(),
+    "bi_adapter": BiAdapter(),
+    "fact_tt": FacTTT(),
+    "fact_tk": FacTTK(),
+    "convpass": Convpass(),
+    "consolidator": Consolidator(),
+    "vpt": Vpt(),
+}
+
+__all__ = ["PEFT_METHODS", "PeftConfig", "PeftError", "PeftMethod"]
