@@ -77,6 +77,7 @@ class AdaptFormer(PeftMethod):
 
     name: ClassVar[str] = "adaptformer"
     config_cls: ClassVar[type[PeftConfig]] = AdaptFormerSettings
+    scopes: ClassVar[tuple[str, ...]] = ("adapter",)
 
     def inject(self, model: VisionTransformer, cfg: AdaptFormerSettings) -> None:
         add_parallel_adapters(model, lambda width: adaptformer_adapter(width, cfg))

@@ -31,13 +31,15 @@ class PeftConfig(BaseModel):
 class PeftMethod:
     """One PEFT method behind the uniform surface; subclasses override `inject` (and `fold`).
 
-    The default trainable set is whatever `apply` left with requires_grad (method params + head),
-    and the default delta is exactly those tensors.
+    The method's parameters are found by name, not by requires_grad (which a caller may toggle):
+    every parameter with a path component in `scopes`, e.g. "blocks.3.adapter.up.weight" for
+    ("adapter",). The default delta is exactly the trainable tensors: the method's plus the head's.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
     mergeable: ClassVar[bool] = False
+    scopes: ClassVar[tuple[str, ...]] = ()
 
     def config(self, cfg: PeftConfig | Mapping[str, Any] | None = None) -> PeftConfig:
         """Validate `cfg` (None -> the paper's defaults; a mapping -> parsed by the config class)."""
@@ -55,15 +57,22 @@ class PeftMethod:
         model.requires_grad_(False)
         with torch.device(next(model.parameters()).device):  # new modules where the backbone lives (meta included)
             self.inject(model, cfg)
-        model.head.requires_grad_(True)
+        for p in self.trainable_parameters(model).values():
+            p.requires_grad_(True)
         return model
 
     def inject(self, model: VisionTransformer, cfg: PeftConfig) -> None:
-        """Add the method's modules / unfreeze its parameters (in place). Default: nothing (head only)."""
+        """Add the method's modules to the model (in place). Default: nothing (head only)."""
+
+    def method_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The method's own parameters, head excluded."""
+        scopes = set(self.scopes)
+        return {name: p for name, p in model.named_parameters() if scopes.intersection(name.split("."))}
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The parameters that train: the method's own plus the head's."""
-        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+        """The parameters that train: the method's own plus the head's, in model order."""
+        own = self.method_parameters(model)
+        return {name: p for name, p in model.named_parameters() if name in own or name.startswith("head.")}
 
     def delta_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Everything a task must store on top of the shared backbone (detached copies)."""

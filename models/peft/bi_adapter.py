@@ -163,6 +163,7 @@ class BiAdapter(PeftMethod):
 
     name: ClassVar[str] = "bi_adapter"
     config_cls: ClassVar[type[PeftConfig]] = BiAdapterSettings
+    scopes: ClassVar[tuple[str, ...]] = ("adapter",)
 
     def inject(self, model: VisionTransformer, cfg: BiAdapterSettings) -> None:
         add_parallel_adapters(model, lambda width: bi_adapter(width, cfg))

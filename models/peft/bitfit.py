@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod
+from models.peft.base import PeftMethod
 
 
 class BitFit(PeftMethod):
@@ -21,8 +20,11 @@ class BitFit(PeftMethod):
     name: ClassVar[str] = "bitfit"
     mergeable: ClassVar[bool] = True
 
-    def inject(self, model: VisionTransformer, cfg: PeftConfig) -> None:
-        for name, module in model.named_modules():
-            is_head = name == "head" or name.startswith("head.")
-            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None and not is_head:
-                module.bias.requires_grad_(True)
+    def method_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {
+            f"{name}.bias": module.bias
+            for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.LayerNorm))
+            and module.bias is not None
+            and not (name == "head" or name.startswith("head."))
+        }

@@ -80,6 +80,7 @@ class Consolidator(PeftMethod):
     name: ClassVar[str] = "consolidator"
     config_cls: ClassVar[type[PeftConfig]] = ConsolidatorSettings
     mergeable: ClassVar[bool] = True
+    scopes: ClassVar[tuple[str, ...]] = ("branch",)
 
     def inject(self, model: VisionTransformer, cfg: ConsolidatorSettings) -> None:
         for _, linear in list(encoder_linears(model)):

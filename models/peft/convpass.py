@@ -76,6 +76,7 @@ class Convpass(PeftMethod):
 
     name: ClassVar[str] = "convpass"
     config_cls: ClassVar[type[PeftConfig]] = ConvpassSettings
+    scopes: ClassVar[tuple[str, ...]] = ("bypass_attn", "bypass_mlp")
 
     def inject(self, model: VisionTransformer, cfg: ConvpassSettings) -> None:
         grid = tuple(model.patch_embed.grid_size)

@@ -113,6 +113,7 @@ class FacTTT(PeftMethod):
     name: ClassVar[str] = "fact_tt"
     config_cls: ClassVar[type[PeftConfig]] = FacTSettings
     mergeable: ClassVar[bool] = True
+    scopes: ClassVar[tuple[str, ...]] = ("fact",)
     kind: ClassVar[Literal["tt", "tk"]] = "tt"
 
     def inject(self, model: VisionTransformer, cfg: FacTSettings) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod
+from models.peft.base import PeftMethod
 
 
 class FullFinetune(PeftMethod):
@@ -15,5 +15,5 @@ class FullFinetune(PeftMethod):
     name: ClassVar[str] = "full"
     mergeable: ClassVar[bool] = True
 
-    def inject(self, model: VisionTransformer, cfg: PeftConfig) -> None:
-        model.requires_grad_(True)
+    def method_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in model.named_parameters() if not name.startswith("head.")}

@@ -35,6 +35,7 @@ class Lora(PeftMethod):
     name: ClassVar[str] = "lora"
     config_cls: ClassVar[type[PeftConfig]] = LoraSettings
     mergeable: ClassVar[bool] = True
+    scopes: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 
     def inject(self, model: VisionTransformer, cfg: LoraSettings) -> None:
         config = LoraConfig(
@@ -48,3 +49,4 @@ class Lora(PeftMethod):
                 module.merge()
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), attr, module.get_base_layer())
+        vars(model).pop("peft_config", None)  # peft's bookkeeping attribute, meaningless once merged

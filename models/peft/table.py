@@ -22,12 +22,11 @@ def peft_table(arch: str = "vit_base_patch16_224", num_classes: int = 0) -> list
         with torch.device("meta"):
             model = build_vit(arch, num_classes=num_classes)
         method.apply(model)
-        trainable = method.trainable_parameters(model)
         delta = {k: v for k, v in method.delta_state(model).items() if not _is_head(k)}
         rows.append(
             {
                 "method": name,
-                "trainable_params": sum(p.numel() for k, p in trainable.items() if not _is_head(k)),
+                "trainable_params": sum(p.numel() for p in method.method_parameters(model).values()),
                 "delta_bytes": method.delta_nbytes(delta),
                 "mergeable": method.mergeable,
             }

@@ -49,6 +49,7 @@ class Vpt(PeftMethod):
 
     name: ClassVar[str] = "vpt"
     config_cls: ClassVar[type[PeftConfig]] = VptSettings
+    scopes: ClassVar[tuple[str, ...]] = ("prompts",)
 
     def inject(self, model: VisionTransformer, cfg: VptSettings) -> None:
         patch_area = math.prod(model.patch_embed.patch_size)

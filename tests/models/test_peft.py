@@ -105,7 +105,7 @@ def test_only_method_params_and_head_train(name: str) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_delta_roundtrip_reproduces_outputs_exactly(name: str) -> None:
     method = PEFT_METHODS[name]
-    model = trained(name)
+    model = trained(name).requires_grad_(False)  # frozen for evaluation: the delta is found by name
     x = images()
     with torch.no_grad():
         expected = model(x)
@@ -151,6 +151,7 @@ def test_merge_matches_unmerged_and_leaves_plain_timm(name: str) -> None:
     plain = tiny_vit()
     assert list(merged.state_dict()) == list(plain.state_dict())
     assert {n: type(m) for n, m in merged.named_modules()} == {n: type(m) for n, m in plain.named_modules()}
+    assert set(vars(merged)) == set(vars(plain))  # no leftover attributes either
     if name not in ("linear", "full", "bitfit"):  # the branch went into the weights, not away
         qkv = merged.blocks[0].attn.qkv.weight
         assert not torch.equal(qkv, plain.blocks[0].attn.qkv.weight)
