@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from models.peft import PEFT_METHODS, PeftError, PeftMethod
-from models.vit import vitpipe_tiny_patch4_32
+from models.vit import build_vit
 
 METHODS = list(PEFT_METHODS)
 MERGEABLE = {"linear", "full", "bitfit", "lora", "fact_tt", "fact_tk", "consolidator"}
@@ -18,7 +18,7 @@ MERGEABLE = {"linear", "full", "bitfit", "lora", "fact_tt", "fact_tk", "consolid
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    return vitpipe_tiny_patch4_32(num_classes=10)
+    return build_vit("vitpipe_tiny_patch4_32", num_classes=10)
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models.peft import PEFT_METHODS
 from models.peft.bi_adapter import QuantizedLinear, lloyd_max_normal, pack_codes, unpack_codes
-from models.vit import vitpipe_tiny_patch4_32
+from models.vit import build_vit
 
 METHOD = PEFT_METHODS["bi_adapter"]
 # MSE of the optimal quantizer of N(0, 1) (Max 1960): 1 - 2/pi at 1 bit, 0.1175 at 2, 0.009497 at 4
@@ -20,7 +20,7 @@ LLOYD_MAX_MSE = {1: 1 - 2 / math.pi, 2: 0.11748, 4: 0.009497}
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    return vitpipe_tiny_patch4_32(num_classes=10)
+    return build_vit("vitpipe_tiny_patch4_32", num_classes=10)
 
 
 def quantized(model: torch.nn.Module) -> list[QuantizedLinear]:

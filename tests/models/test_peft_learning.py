@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from models.peft import PEFT_METHODS
-from models.vit import vitpipe_tiny_patch4_32
+from models.vit import build_vit
 
 STEPS, PER_CLASS = 30, 2  # 30 class-balanced batches of 20
 HEAD_LR, METHOD_LR = 3e-2, {"full": 1e-4}  # method parameters: 1e-3 unless listed
@@ -49,7 +49,7 @@ def balanced_batches(y: torch.Tensor, steps: int, per_class: int, seed: int = 1)
 def test_training_through_the_method_beats_the_untrained_head(name: str, digits: dict[str, torch.Tensor]) -> None:
     method = PEFT_METHODS[name]
     torch.manual_seed(0)
-    model = method.apply(vitpipe_tiny_patch4_32(num_classes=10))
+    model = method.apply(build_vit("vitpipe_tiny_patch4_32", num_classes=10))
     before = accuracy(model, digits["x_test"], digits["y_test"])
 
     params = method.trainable_parameters(model)
