@@ -1,0 +1,222 @@
+"""The distill stage: ToCom self-distillation on the frozen backbone (METHODS.md section 4).
+
+Teacher = the backbone with ToMe at r = m; student = the SAME backbone at r = n plus ToCom Delta(m -> n);
+each step draws m != n uniformly from {0..R}; loss KL(softmax(teacher / tau) || softmax(student / tau)) on
+the pooled features (there is no classifier). Only ToCom trains; the stage stores only ToCom and reports
+the held-out KL with and without it, averaged over pairs m != n.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from cluster.context import StageContext, StageResult
+from cluster.manifest import Manifest, read_weights
+from cluster.train import DataContext, Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
+from models.tome import apply_tome, set_tome_r
+from models.vit import ViTSpec
+from tasks.finetune import _split, normalize
+
+# Paper optimisation defaults (METHODS.md 4); a YAML `train:` mapping only overrides what it names.
+TRAIN_DEFAULTS = {"lr": 2e-3, "weight_decay": 0.05}
+MAX_PAIRS = 64  # held-out KL: all pairs m != n up to this many, else a fixed seeded sample
+
+
+class DistillConfig(BaseModel):
+    """The validated config of the distill node."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: ViTSpec
+    max_r: int = Field(16, ge=1, description="R, the largest ToMe degree ToCom covers")
+    rho: int = Field(2, ge=1, description="hidden channels per degree step")
+    tau: float = Field(1.0, gt=0)
+    scale: float = Field(0.1, gt=0, description="s in q += s * Delta_q(x)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
+    resources: Resources = Resources()
+    heldout: int = Field(256, gt=0, description="corpus images held out for the KL report")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _paper_defaults(cls, value: Any) -> Any:
+        return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
+
+
+def effective_max_r(backbone: VisionTransformer, max_r: int) -> int:
+    """R clamped to num_patches // 2: ToMe caps r at half the mergeable tokens of the first block, so
+    larger degrees are the same model and would train sub-plugins that map a model onto itself."""
+    return max(1, min(max_r, backbone.patch_embed.num_patches // 2))
+
+
+def build_backbone(spec: ViTSpec, encoder: dict[str, torch.Tensor] | None, seed: int) -> VisionTransformer:
+    """The backbone without a head: the pretrained encoder when given, else a seeded random init."""
+    torch.manual_seed(seed)
+    model = spec.build(num_classes=0)
+    if encoder is not None:
+        missing, unexpected = model.load_state_dict(encoder, strict=False)
+        if missing or any(not k.startswith("head.") for k in unexpected):
+            raise ValueError(f"backbone does not fit {spec.arch}: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+class SelfDistillation(nn.Module):
+    """The frozen ToMe-patched backbone with a TokenCompensator plugged into its qkv projections."""
+
+    def __init__(self, backbone: VisionTransformer, tocom: TokenCompensator, scale: float) -> None:
+        super().__init__()
+        self.backbone = apply_tome(backbone.requires_grad_(False), r=0)
+        self.token_compensator = tocom
+        self._plug = plug(self.backbone, tocom, 0, 0, scale)
+        # Workaround: cluster.train.param_groups always makes a no-decay group; ToCom's weights are all 2-D,
+        # DeepSpeed drops the empty group and the LR scheduler, built for two groups, fails. This 1-D
+        # parameter has no elements (nothing trains); drop it once param_groups skips empty groups.
+        self.no_decay_placeholder = nn.Parameter(torch.zeros(0))
+
+    def train(self, mode: bool = True) -> SelfDistillation:
+        """ToCom's dropout follows `mode`; the frozen backbone always runs in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def features(self, x: torch.Tensor, r: int, delta: tuple[int, int] | None = None) -> torch.Tensor:
+        """Pooled features (B, C) of x: (B, 3, H, W) at ToMe degree r, plus ToCom Delta(m -> n) when given."""
+        set_tome_r(self.backbone, r)
+        self._plug.enabled = delta is not None
+        if delta is not None:
+            self._plug.source_r, self._plug.target_r = delta
+        return self.backbone(x.to(self.backbone.patch_embed.proj.weight.dtype))
+
+    def forward(self, x: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher at r = m without ToCom, student at r = n with Delta(m -> n)), each (B, C)."""
+        with torch.no_grad():
+            teacher = self.features(x, m)
+        return teacher, self.features(x, n, (m, n))
+
+
+def build_self_distillation(cfg: DistillConfig, max_r: int, encoder: dict[str, torch.Tensor] | None,
+                            seed: int) -> SelfDistillation:
+    """The model every Ray Train worker builds: same seed, same backbone, same initial ToCom."""
+    backbone = build_backbone(cfg.backbone, encoder, seed)
+    tocom = TokenCompensator(len(backbone.blocks), backbone.embed_dim, cfg.rho, max_r, cfg.dropout)
+    return SelfDistillation(backbone, tocom, cfg.scale)
+
+
+def sample_pair(max_r: int, seed: int, step: int) -> tuple[int, int]:
+    """(m, n), m != n, uniform over ordered pairs of {0..max_r}; a function of (seed, step) only."""
+    return tuple(random.Random(hash((seed, step))).sample(range(max_r + 1), 2))
+
+
+@dataclass(frozen=True)
+class WithDegreePairs:
+    """A Recipe data source: each micro-batch (x,) of `batches` as (x, (m, n)), one pair per optimizer
+    step, so every rank and accumulation chunk of a step distils the same pair."""
+
+    batches: TensorBatches
+    max_r: int
+
+    def __call__(self, ctx: DataContext) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+        for i, (x,) in enumerate(self.batches(ctx)):
+            yield x, sample_pair(self.max_r, ctx.seed, ctx.start_step + i // ctx.grad_accum)
+
+
+def distill_loss(tau: float, model: nn.Module, batch: tuple[torch.Tensor, tuple[int, int]]):
+    """KL(teacher@m || student@n + Delta(m -> n)) on softmax of the features; x: (B, 3, H, W) uint8."""
+    x, (m, n) = batch
+    teacher, student = model(normalize(x), m, n)
+    return tocom_kl_loss(teacher.float(), student.float(), tau), {}
+
+
+def degree_pairs(max_r: int, limit: int = MAX_PAIRS) -> list[tuple[int, int]]:
+    """All ordered pairs m != n of {0..max_r}, or a fixed sample of `limit` of them."""
+    pairs = [(m, n) for m in range(max_r + 1) for n in range(max_r + 1) if m != n]
+    return pairs if len(pairs) <= limit else sorted(random.Random(0).sample(pairs, limit))
+
+
+def corpus(uri: str, size: int, heldout: int, part: str) -> tuple[torch.Tensor]:
+    """The corpus "train" split as (images (N, 3, S, S) uint8,): the last `heldout` rows are held out."""
+    x, _ = _split(uri, "train", size)
+    if heldout >= len(x):
+        raise ValueError(f"dataset {uri}: heldout={heldout} leaves no training images of {len(x)}")
+    return (x[:-heldout],) if part == "train" else (x[-heldout:],)
+
+
+@torch.no_grad()
+def heldout_kl(model: SelfDistillation, x: torch.Tensor, pairs: list[tuple[int, int]], tau: float,
+               batch: int = 128) -> dict[str, float]:
+    """KL(teacher@m || student@n) without and with ToCom Delta(m -> n), averaged over pairs and images;
+    x: (N, 3, S, S) uint8."""
+    device = model.backbone.patch_embed.proj.weight.device
+    total = {"heldout_kl_without": 0.0, "heldout_kl_with": 0.0}
+    for i in range(0, len(x), batch):
+        xb = normalize(x[i:i + batch]).to(device)
+        weight = len(xb) / (len(x) * len(pairs))
+        for m in sorted({m for m, _ in pairs}):
+            teacher = model.features(xb, m).float()
+            for n in (n for mm, n in pairs if mm == m):
+                for name, delta in (("heldout_kl_without", None), ("heldout_kl_with", (m, n))):
+                    student = model.features(xb, n, delta).float()
+                    total[name] += weight * tocom_kl_loss(teacher, student, tau).item()
+    return {**total, "heldout_kl_ratio": total["heldout_kl_with"] / max(total["heldout_kl_without"], 1e-12)}
+
+
+def evaluate_distillation(cfg: DistillConfig, encoder: dict[str, torch.Tensor] | None, seed: int, uri: str,
+                          pairs: list[tuple[int, int]], model: SelfDistillation) -> dict[str, float]:
+    """Rank 0, at each checkpoint: held-out KL, and whether the backbone still equals its initial weights."""
+    reference = build_backbone(cfg.backbone, encoder, seed).state_dict()
+    now = model.backbone.state_dict()
+    unchanged = now.keys() == reference.keys() and all(
+        torch.equal(now[k].cpu(), reference[k].to(now[k].dtype)) for k in reference)
+    x = corpus(uri, cfg.backbone.img_size, cfg.heldout, "heldout")[0]
+    return {"backbone_unchanged": float(unchanged), **heldout_kl(model, x, pairs, cfg.tau)}
+
+
+def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Manifest]) -> StageResult:
+    uri, size = inputs["corpus"].outputs["uri"], cfg.backbone.img_size
+    encoder = None
+    if "backbone" in inputs:
+        encoder = read_weights(ctx.store, inputs["backbone"], "encoder.safetensors")
+    backbone_kind = "pretrained" if encoder is not None else "random-init"
+    ctx.set_tags({"backbone": backbone_kind})
+    max_r = effective_max_r(build_backbone(cfg.backbone, encoder, ctx.seed), cfg.max_r)
+    pairs = degree_pairs(max_r)
+    recipe = Recipe(
+        build_model=functools.partial(build_self_distillation, cfg, max_r, encoder, ctx.seed),
+        data=WithDegreePairs(TensorBatches(functools.partial(corpus, uri, size, cfg.heldout, "train")), max_r),
+        loss=functools.partial(distill_loss, cfg.tau),
+        evaluate=functools.partial(evaluate_distillation, cfg, encoder, ctx.seed, uri, pairs),
+    )
+    started = time.perf_counter()
+    result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
+                          on_log=ctx.step_logger()))
+    train_seconds = time.perf_counter() - started
+    if result.metrics.get("backbone_unchanged") != 1.0:
+        raise RuntimeError(f"distill {ctx.key}: the frozen backbone changed during training")
+
+    model = build_self_distillation(cfg, max_r, encoder, ctx.seed)
+    prefix = "token_compensator."
+    model.token_compensator.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in result.state.items() if k.startswith(prefix)}, strict=True)
+    ctx.writer.put_bytes("tocom.safetensors", save_tocom(model.token_compensator))
+    ctx.writer.put_json("history.json", result.history)
+    metrics = {
+        **{k: result.metrics[k] for k in ("heldout_kl_without", "heldout_kl_with", "heldout_kl_ratio",
+                                          "backbone_unchanged")},
+        "tocom_params": float(sum(p.numel() for p in model.token_compensator.parameters())),
+        "train_seconds": train_seconds,
+        **{k: v for k, v in result.metrics.items() if k.startswith("final_")},
+    }
+    outputs = {"max_r": max_r, "rho": cfg.rho, "scale": cfg.scale, "pairs": len(pairs),
+               "backbone": backbone_kind, "backbone_key": inputs["backbone"].key if encoder is not None else None}
+    return StageResult(metrics=metrics, outputs=outputs)

@@ -1,0 +1,112 @@
+"""The evaluate stage: a task model fine-tuned at ToMe degree r_src, deployed at each r_tgt, with and without
+ToCom (METHODS.md section 4, "Deployment").
+
+Without ToCom the model simply runs at r_tgt; with ToCom, s * Delta(r_src -> r_tgt) is plugged into q and v,
+s chosen on the validation split. At r_tgt = r_src, Delta is exactly zero, so both accuracies agree.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict, Field
+from timm.models.vision_transformer import VisionTransformer
+
+from cluster.context import StageContext, StageResult
+from cluster.manifest import Manifest, read_bytes
+from models.tocom import ToComPlug, load_tocom, plug, unplug
+from models.tome import apply_tome, set_tome_r
+from tasks.finetune import FinetuneConfig, accuracy, load_task_model
+
+
+class EvaluateConfig(BaseModel):
+    """The validated config of one evaluate node: the finetune node it evaluates, and the sweep."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    finetune: FinetuneConfig
+    r_targets: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 2, 4, 8), min_length=1)
+    scales: tuple[Annotated[float, Field(gt=0)], ...] = Field((0.05, 0.08, 0.1, 0.12, 0.15), min_length=1)
+
+
+def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: int, r_src: int, r_tgt: int,
+                    scales: tuple[float, ...]) -> dict[str, Any]:
+    """One row: test accuracy at r_tgt without ToCom, and with Delta(r_src -> r_tgt) at the s best on val.
+
+    Degrees above the ToCom's R use Delta up to R: it has no sub-plugins beyond (and when R was clamped to
+    the token count, higher degrees are the same model anyway). Ties in val accuracy go to the first s.
+    """
+    set_tome_r(model, r_tgt)
+    state.enabled = False
+    without, val_without = accuracy(model, uri, "test", size), accuracy(model, uri, "val", size)
+    state.enabled = True
+    state.source_r, state.target_r = min(r_src, state.tocom.max_r), min(r_tgt, state.tocom.max_r)
+    val = {}
+    for scale in scales:
+        state.scale = scale
+        val[scale] = accuracy(model, uri, "val", size)
+    state.scale = max(scales, key=val.__getitem__)
+    return {"r_tgt": r_tgt, "acc_without": without, "acc_with": accuracy(model, uri, "test", size),
+            "scale": state.scale, "val_without": val_without, "val_with": val[state.scale],
+            "tocom_delta": [state.source_r, state.target_r]}
+
+
+def plot_accuracy(rows: list[dict[str, Any]], r_src: int, title: str) -> bytes:
+    """PNG bytes: test accuracy vs r_tgt, with and without ToCom, r_src marked."""
+    fig = Figure(figsize=(5.5, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    r = [row["r_tgt"] for row in rows]
+    ax.plot(r, [row["acc_without"] for row in rows], "o-", label="ToMe only")
+    ax.plot(r, [row["acc_with"] for row in rows], "s--", label="ToMe + ToCom")
+    ax.axvline(r_src, color="grey", linestyle=":", label=f"fine-tuned at r = {r_src}")
+    ax.set(xlabel="deployment ToMe degree r_tgt", ylabel="test accuracy", title=title)
+    ax.set_xticks(r)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _check_backbones(ctx: StageContext, inputs: dict[str, Manifest]) -> None:
+    """The ToCom must come from the backbone the task model was fine-tuned from."""
+    tocom_from = inputs["tocom"].outputs.get("backbone_key")
+    task_from = inputs["backbone"].key if "backbone" in inputs else None
+    if tocom_from != task_from:
+        raise ValueError(f"ToCom {inputs['tocom'].key} was distilled on backbone {tocom_from}, "
+                         f"the task model was fine-tuned from {task_from}")
+    if task_from is None:
+        ctx.log.warning("%s: random-init backbones: ToCom and the task model start from different weights",
+                        ctx.node)
+
+
+def run(ctx: StageContext, cfg: EvaluateConfig, inputs: dict[str, Manifest]) -> StageResult:
+    """inputs: "model" (finetune), "data", "tocom" (distill), optional "backbone" (the pretrained encoder)."""
+    _check_backbones(ctx, inputs)
+    r_src, uri, size = cfg.finetune.tome_r, inputs["data"].outputs["uri"], cfg.finetune.backbone.img_size
+    model = apply_tome(load_task_model(ctx.store, cfg.finetune, inputs), r_src)
+    tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
+    state = plug(model, tocom, 0, 0)
+    rows = [evaluate_degree(model, state, uri, size, r_src, r_tgt, cfg.scales) for r_tgt in cfg.r_targets]
+    unplug(model)
+
+    task, method = cfg.finetune.task, cfg.finetune.method.name
+    outputs = {"task": task, "method": method, "r_src": r_src, "rows": rows}
+    ctx.writer.put_json("eval.json", outputs)
+    png = plot_accuracy(rows, r_src, f"{task} / {method}: fine-tuned at r = {r_src}")
+    ctx.writer.put_bytes("tome_tocom.png", png)
+    ctx.log_artifact("tome_tocom.png", png)
+
+    metrics = {}
+    for row in rows:
+        metrics[f"acc_r{row['r_tgt']}"] = row["acc_without"]
+        metrics[f"acc_tocom_r{row['r_tgt']}"] = row["acc_with"]
+    gains = [row["acc_with"] - row["acc_without"] for row in rows if row["r_tgt"] != r_src]
+    if gains:
+        metrics["tocom_gain_mean"] = sum(gains) / len(gains)
+    return StageResult(metrics=metrics, outputs=outputs)
