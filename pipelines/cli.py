@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("run_id")
     audit.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI, else the demo's)")
 
+    table = sub.add_parser("peft-table", help="trainable parameters and stored delta size of every PEFT method")
+    table.add_argument("--arch", default="vit_base_patch16_224", help="timm ViT name (architecture only)")
+    table.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     data = sub.add_parser("data", help="dataset commands")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="write a source as Parquet shards")
@@ -89,6 +93,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peft_table(args: argparse.Namespace) -> int:
+    import json
+
+    from models.peft.table import peft_table
+
+    rows = peft_table(args.arch)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'method':<14} {'trainable (no head)':>20} {'delta bytes':>13}  mergeable")
+    for r in rows:
+        merges = "yes" if r["mergeable"] else "no"
+        print(f"{r['method']:<14} {r['trainable_params']:>20,} {r['delta_bytes']:>13,}  {merges}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Domain errors become one line on stderr and exit code 2."""
     from cluster.store import StoreError
@@ -100,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
-    handlers = {"plan": cmd_plan, "run": cmd_run, "audit": cmd_audit, "data": cmd_data}
+    handlers = {"plan": cmd_plan, "run": cmd_run, "audit": cmd_audit, "data": cmd_data,
+                "peft-table": cmd_peft_table}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, StoreError, TrackingError, AuditError) as err:

@@ -67,14 +67,35 @@ def _source_digest(source: str) -> str | None:
     return h.hexdigest()
 
 
+def _data_node(name: str, source: str) -> Node:
+    data_cfg: dict[str, Any] = {"source": source}
+    if (digest := _source_digest(source)) is not None:
+        data_cfg["source_digest"] = digest
+    return Node(f"data/{name}", "data", data_cfg, cpus=1.0)
+
+
+def _pretrain_node(cfg: PipelineConfig) -> Node:
+    stage = cfg.stages.pretrain
+    probes = tuple(cfg.tasks) if stage.probe else ()
+    stage_cfg = {"backbone": cfg.backbone.model_dump(), "objective": stage.objective.model_dump(),
+                 "train": stage.train.model_dump(), "resources": stage.resources.model_dump(),
+                 "probe_tasks": list(probes)}
+    deps = {"corpus": "data/corpus", **{f"probe:{t}": f"data/{t}" for t in probes}}
+    return Node("pretrain", "pretrain", stage_cfg, deps=deps)
+
+
 def build_dag(cfg: PipelineConfig) -> list[Node]:
-    """Nodes in topological order: data preparation per task, then finetune per (task, method)."""
-    nodes: list[Node] = []
-    for task, spec in cfg.tasks.items():
-        data_cfg: dict[str, Any] = {"source": spec.source}
-        if (digest := _source_digest(spec.source)) is not None:
-            data_cfg["source_digest"] = digest
-        nodes.append(Node(f"data/{task}", "data", data_cfg, cpus=1.0))
+    """Nodes in topological order: data per task (and corpus), pretrain, then finetune per (task, method)."""
+    nodes = [_data_node(task, spec.source) for task, spec in cfg.tasks.items()]
+    backbone: dict[str, str] = {}
+    if cfg.stages.pretrain is not None:
+        nodes += [_data_node("corpus", cfg.corpus.source), _pretrain_node(cfg)]
+        backbone = {"backbone": "pretrain"}
+    if cfg.stages.distill is not None:
+        if cfg.stages.pretrain is None:
+            nodes.append(_data_node("corpus", cfg.corpus.source))
+        distill_cfg = {"backbone": cfg.backbone.model_dump(), **cfg.stages.distill.model_dump()}
+        nodes.append(Node("distill", "distill", distill_cfg, deps={"corpus": "data/corpus", **backbone}))
     ft = cfg.stages.finetune
     for task in cfg.tasks:
         for method in ft.methods:
@@ -84,9 +105,14 @@ def build_dag(cfg: PipelineConfig) -> list[Node]:
                 "backbone": cfg.backbone.model_dump(),
                 "train": ft.train.model_dump(),
                 "resources": ft.resources.model_dump(),
+                "tome_r": ft.tome_r,
             }
-            nodes.append(Node(f"finetune/{task}/{method.name}", "finetune", stage_cfg,
-                              deps={"data": f"data/{task}"}))
+            name = f"finetune/{task}/{method.name}"
+            nodes.append(Node(name, "finetune", stage_cfg, deps={"data": f"data/{task}", **backbone}))
+            if cfg.stages.evaluate is not None:
+                eval_cfg = {"finetune": stage_cfg, **cfg.stages.evaluate.model_dump()}
+                deps = {"model": name, "data": f"data/{task}", "tocom": "distill", **backbone}
+                nodes.append(Node(f"evaluate/{task}/{method.name}", "evaluate", eval_cfg, deps=deps, cpus=1.0))
     return nodes
 
 

@@ -32,6 +32,22 @@ def _headline(o: Any) -> str:
     return (o.error or "")[:60]
 
 
+def _print_tocom(outcomes: list[Any], out: TextIO) -> None:
+    """Accuracy at each deployment ToMe degree, without -> with ToCom, one line per task model."""
+    evals = [o.manifest.outputs for o in outcomes if o.node.kind == "evaluate" and o.manifest is not None]
+    if not evals:
+        return
+    degrees = [row["r_tgt"] for row in evals[0]["rows"]]
+    header = ["task", "method", "r_src", *(f"r={r}" for r in degrees), "mean gain"]
+    rows = []
+    for e in evals:
+        cells = [f"{r['acc_without']:.3f}->{r['acc_with']:.3f}" for r in e["rows"]]
+        gains = [r["acc_with"] - r["acc_without"] for r in e["rows"] if r["r_tgt"] != e["r_src"]]
+        rows.append([e["task"], e["method"], str(e["r_src"]), *cells, f"{_mean(gains):+.4f}" if gains else "-"])
+    out.write("\ntest accuracy at deployment ToMe degree r (without -> with ToCom)\n"
+              + _format_table(header, rows) + "\n")
+
+
 def print_summary(outcomes: list[Any], groups: dict[str, str | None], out: TextIO) -> None:
     rows = [[o.node.name, o.status, o.key[:12], f"{o.seconds:.1f}s" if o.status == "ran" else "-",
              _headline(o)] for o in outcomes]
@@ -45,6 +61,7 @@ def print_summary(outcomes: list[Any], groups: dict[str, str | None], out: TextI
         if len(stats) > 1:
             rows = [[stat, *(f"{means[m].get(stat, float('nan')):.4f}" for m in methods)] for stat in stats]
             out.write("\n" + _format_table(["mean over", *methods], rows) + "\n")
+    _print_tocom(outcomes, out)
     cached = sum(o.status == "cached" for o in outcomes)
     if cached == len(outcomes):
         out.write(f"\nall {cached} nodes cached: nothing was trained.\n")

@@ -9,9 +9,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.train import Resources, TrainConfig
+from models.pretrain_objectives import PretrainObjectiveConfig
 from models.vit import ViTSpec
 from tasks.data import DataError, resolve_source
+from tasks.distill import DistillConfig
 from tasks.finetune import FinetuneMethod
+from tasks.pretrain import PretrainConfig
 
 
 class ConfigError(Exception):
@@ -42,6 +45,7 @@ class FinetuneStage(Frozen):
     methods: tuple[FinetuneMethod, ...] = (FinetuneMethod(name="linear"),)
     train: TrainConfig = TrainConfig()
     resources: Resources = Resources()
+    tome_r: int = Field(0, ge=0, description="ToMe degree the task models train at (r_src)")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -51,8 +55,38 @@ class FinetuneStage(Frozen):
         return value
 
 
+class PretrainStage(Frozen):
+    objective: PretrainObjectiveConfig = PretrainObjectiveConfig()
+    train: TrainConfig = PretrainConfig.model_fields["train"].default
+    resources: Resources = Resources()
+    probe: bool = Field(True, description="linear-probe every downstream task at the end of pretraining")
+
+
+class DistillStage(Frozen):
+    """ToCom self-distillation on the corpus; the fields of tasks.distill.DistillConfig minus the backbone."""
+
+    max_r: int = Field(16, ge=1)
+    rho: int = Field(2, ge=1)
+    tau: float = Field(1.0, gt=0)
+    scale: float = Field(0.1, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    train: TrainConfig = DistillConfig.model_fields["train"].default
+    resources: Resources = Resources()
+    heldout: int = Field(256, gt=0)
+
+
+class EvaluateStage(Frozen):
+    """Per fine-tuned model: test accuracy at each deployment ToMe degree, with and without ToCom."""
+
+    r_targets: tuple[int, ...] = (0, 2, 4, 8)
+    scales: tuple[float, ...] = (0.05, 0.08, 0.1, 0.12, 0.15)
+
+
 class Stages(Frozen):
+    pretrain: PretrainStage | None = None
+    distill: DistillStage | None = None
     finetune: FinetuneStage = FinetuneStage()
+    evaluate: EvaluateStage | None = None
 
 
 class RayConfig(Frozen):
@@ -70,13 +104,18 @@ class PipelineConfig(Frozen):
     experiment: str = "vitpipe"
     ray: RayConfig = RayConfig()
     backbone: ViTSpec = ViTSpec()
+    corpus: DatasetSpec | None = None
     tasks: dict[str, DatasetSpec]
     stages: Stages = Stages()
 
     @model_validator(mode="after")
-    def _has_tasks(self) -> PipelineConfig:
+    def _consistent(self) -> PipelineConfig:
         if not self.tasks:
             raise ValueError("a pipeline needs at least one downstream task")
+        if (self.stages.pretrain or self.stages.distill) and self.corpus is None:
+            raise ValueError("stages.pretrain and stages.distill need a `corpus:` dataset")
+        if self.stages.evaluate is not None and self.stages.distill is None:
+            raise ValueError("stages.evaluate compares with and without ToCom: it needs stages.distill")
         return self
 
     @property

@@ -8,55 +8,49 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
 from cluster.store import ArtifactStore
 from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
 from models.vit import ViTSpec
 from tasks.data import load_split
 
 
-def train_head_only(model: nn.Module) -> nn.Module:
-    """Linear probe: the backbone is frozen, only the classification head trains."""
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith("head.")
-    return model
-
-
-def train_everything(model: nn.Module) -> nn.Module:
-    """Full fine-tuning."""
-    for p in model.parameters():
-        p.requires_grad = True
-    return model
-
-
-METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "linear": train_head_only,
-    "full": train_everything,
-}
-
-
 class FinetuneMethod(BaseModel):
-    """A method entry of the pipeline YAML: its registry name and optional learning rate."""
+    """A method entry of the pipeline YAML: its registry name, an optional learning rate, and the
+    method's own hyperparameters (validated by the method's config class; defaults = the paper's)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     name: str
     lr: float | None = Field(None, gt=0, description="overrides the stage's train.lr for this method")
 
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
     @model_validator(mode="after")
     def _known(self) -> FinetuneMethod:
-        if self.name not in METHODS:
-            raise ValueError(f"unknown fine-tuning method {self.name!r} (known: {', '.join(METHODS)})")
+        if self.name not in PEFT_METHODS:
+            raise ValueError(f"unknown fine-tuning method {self.name!r} (known: {', '.join(PEFT_METHODS)})")
+        try:
+            PEFT_METHODS[self.name].config(self.params)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{self.name}: {where}: {first['msg']}") from None
         return self
+
+    def config(self) -> PeftConfig:
+        return PEFT_METHODS[self.name].config(self.params)
 
 
 class FinetuneConfig(BaseModel):
@@ -121,7 +115,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, backbone: dict[str, torch
         if unexpected or any(not k.startswith("head.") for k in missing):
             raise ValueError(f"backbone does not fit {cfg.backbone.arch}: missing {missing}, "
                              f"unexpected {unexpected}")
-    model = METHODS[cfg.method.name](model)
+    model = PEFT_METHODS[cfg.method.name].apply(model, cfg.method.config())
     return apply_tome(model, cfg.tome_r) if cfg.tome_r else model
 
 
@@ -132,7 +126,7 @@ def load_task_model(store: ArtifactStore, cfg: FinetuneConfig, inputs: dict[str,
     if "backbone" in inputs:
         backbone = read_weights(store, inputs["backbone"], "encoder.safetensors")
     model = build_model(cfg, len(inputs["data"].outputs["classes"]), backbone)
-    model.load_state_dict(read_weights(store, inputs["model"], "model.safetensors"), strict=False)
+    PEFT_METHODS[cfg.method.name].load_delta(model, read_weights(store, inputs["model"], "delta.safetensors"))
     return model.eval()
 
 
@@ -158,14 +152,17 @@ def run(ctx: StageContext, cfg: FinetuneConfig, inputs: dict[str, Manifest]) -> 
 
     model = build_model(cfg, num_classes, backbone)
     model.load_state_dict(result.state, strict=False)
+    method = PEFT_METHODS[cfg.method.name]
+    delta = method.delta_state(model)
     metrics = {
         "test_accuracy": accuracy(model, uri, "test", size),
         "val_accuracy": accuracy(model, uri, "val", size),
-        "trainable_params": float(sum(t.numel() for t in result.state.values())),
+        "trainable_params": float(sum(p.numel() for p in method.trainable_parameters(model).values())),
+        "delta_bytes": float(method.delta_nbytes(delta)),
         "train_seconds": train_seconds,
         **{k: v for k, v in result.metrics.items() if k.startswith(("final_", "best_"))},
     }
-    ctx.writer.put_weights("model.safetensors", result.state, metadata={"method": cfg.method.name})
+    ctx.writer.put_weights("delta.safetensors", delta, metadata={"method": cfg.method.name})
     ctx.writer.put_json("history.json", result.history)
     return StageResult(metrics=metrics, outputs={"task": cfg.task, "method": cfg.method.name,
                                                  "num_classes": num_classes})

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from tasks import finetune, prepare
+from tasks import distill, evaluate, finetune, prepare, pretrain
 
 
 class Stage(NamedTuple):
@@ -17,5 +17,8 @@ class Stage(NamedTuple):
 
 STAGES: dict[str, Stage] = {
     "data": Stage(prepare.run, prepare.PrepareConfig),
+    "pretrain": Stage(pretrain.run, pretrain.PretrainConfig),
+    "distill": Stage(distill.run, distill.DistillConfig),
     "finetune": Stage(finetune.run, finetune.FinetuneConfig),
+    "evaluate": Stage(evaluate.run, evaluate.EvaluateConfig),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -20,9 +21,16 @@ from pipelines.audit import audit
 from pipelines.runner import plan, run
 from pipelines.spec import PipelineConfig, load_config
 
+PRETRAIN = {
+    "objective": {"weights": {"localmim": 1.0, "infocl": 1.0},
+                  "localmim": {"taps": [0, 1, 2, 3], "dec_dim": 32, "dec_heads": 2},
+                  "infocl": {"rc_widths": [16, 16, 16, 16]}},
+    "train": {"steps": 6, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 3},
+}
+
 
 def write_config(tmp_path: Path, name: str, tasks=("faces", "textures"), methods=("linear",), steps=12,
-                 cpus_per_worker=1, **top) -> Path:
+                 cpus_per_worker=1, pretrain: bool = False, **top) -> Path:
     data = {
         "name": name, "seed": 0, "work_dir": str(tmp_path / "work"), "experiment": f"test-{name}",
         "tasks": {t: {"source": t} for t in tasks},
@@ -32,6 +40,9 @@ def write_config(tmp_path: Path, name: str, tasks=("faces", "textures"), methods
             "resources": {"num_workers": 1, "cpus_per_worker": cpus_per_worker}}},
         **top,
     }
+    if pretrain:
+        data["corpus"] = {"source": "photos"}
+        data["stages"]["pretrain"] = PRETRAIN
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -48,7 +59,7 @@ def checkpoint_dirs(cfg: PipelineConfig) -> list[Path]:
 @pytest.fixture(scope="module")
 def first_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("demo")
-    cfg = load_config(write_config(tmp, "e2e"))
+    cfg = load_config(write_config(tmp, "e2e", methods=("linear", "lora"), pretrain=True))
     out = io.StringIO()
     return cfg, run(cfg, out), out.getvalue()
 
@@ -56,19 +67,26 @@ def first_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
 def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
     cfg, summary, console = first_run
     assert summary.ok, console
-    assert statuses(summary) == {"data/faces": "ran", "data/textures": "ran",
-                                 "finetune/faces/linear": "ran", "finetune/textures/linear": "ran"}
+    assert statuses(summary) == {
+        "data/faces": "ran", "data/textures": "ran", "data/corpus": "ran", "pretrain": "ran",
+        "finetune/faces/linear": "ran", "finetune/faces/lora": "ran",
+        "finetune/textures/linear": "ran", "finetune/textures/lora": "ran"}
     assert "test accuracy (task x method)" in console
     client = MlflowClient(cfg.tracking)
     parent = client.get_run(summary.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["vitpipe.git_commit"] and parent.data.tags["vitpipe.nodes_ran"] == "4"
+    assert parent.data.tags["vitpipe.git_commit"] and parent.data.tags["vitpipe.nodes_ran"] == "8"
     assert "mean_test_accuracy.linear" in parent.data.metrics
-    assert {a.path for a in client.list_artifacts(summary.run_id)} >= {"summary.json", "accuracy_table.csv"}
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert artifacts >= {"summary.json", "accuracy_table.csv", "accuracy_heatmap.png"}
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary.run_id}'")
-    assert len(children) == 4
+    assert len(children) == 8
     store = open_store(cfg.store_uri)
+    keys = {n.name: k for n, k, _ in plan(cfg)}
+    pretrain = load_manifest(store, "pretrain", keys["pretrain"])
+    assert set(pretrain.files) == {"encoder.safetensors", "decoders.safetensors", "history.json"}
+    assert {"probe_accuracy.faces", "probe_accuracy_random_init.faces"} <= set(pretrain.metrics)
     for child in children:
         tags = child.data.tags
         assert tags["vitpipe.cached"] == "no" and child.info.status == "FINISHED"
@@ -76,12 +94,13 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
         assert manifest is not None and manifest.mlflow_run_id == child.info.run_id
         assert "manifest.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         if tags["vitpipe.stage.kind"] == "finetune":
-            assert tags["vitpipe.upstream"].startswith('{"data": ')
+            assert set(json.loads(tags["vitpipe.upstream"])) == {"data", "backbone"}
             assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
-            assert child.data.tags["backbone"] == "random-init"
+            assert child.data.tags["backbone"] == "pretrained"
+            assert json.loads(tags["vitpipe.upstream"])["backbone"] == keys["pretrain"]
             assert "loss" in child.data.metrics and "images_per_s" in child.data.metrics
             assert len(tags["vitpipe.data.fingerprint"]) == 64
-            assert set(manifest.files) == {"model.safetensors", "history.json"}
+            assert set(manifest.files) == {"delta.safetensors", "history.json"}
 
 
 def test_rerun_trains_nothing(first_run) -> None:
@@ -90,7 +109,7 @@ def test_rerun_trains_nothing(first_run) -> None:
     out = io.StringIO()
     again = run(cfg, out)
     assert set(statuses(again).values()) == {"cached"}
-    assert "all 4 nodes cached: nothing was trained." in out.getvalue()
+    assert "all 8 nodes cached: nothing was trained." in out.getvalue()
     assert checkpoint_dirs(cfg) == before
     assert all(status == "cached" for _, _, status in plan(cfg))
 
@@ -99,7 +118,7 @@ def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
     cfg, summary, _ = first_run
     store = open_store(cfg.store_uri)
     key = next(k for n, k, _ in plan(cfg) if n.name == "finetune/faces/linear")
-    weights = Path(store.local_path(f"{stage_prefix('finetune', key)}/model.safetensors"))
+    weights = Path(store.local_path(f"{stage_prefix('finetune', key)}/delta.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -111,7 +130,7 @@ def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
 
     again = run(cfg, io.StringIO())
     assert statuses(again)["finetune/faces/linear"] == "ran"
-    assert [s for n, s in statuses(again).items() if n != "finetune/faces/linear"] == ["cached"] * 3
+    assert [s for n, s in statuses(again).items() if n != "finetune/faces/linear"] == ["cached"] * 7
     assert load_manifest(store, "finetune", key) is not None
 
 
@@ -153,7 +172,7 @@ def test_mlflow_server_and_s3_store(ray_local, mlflow_server: str, s3_bucket: st
     assert [r.node for r in rows] == ["data/faces", "finetune/faces/linear"]
     assert all(not r.problems for r in rows)
     store = open_store(s3_bucket)
-    assert any(k.endswith("model.safetensors") for k in store.list("stages/finetune"))
+    assert any(k.endswith("delta.safetensors") for k in store.list("stages/finetune"))
     child = next(c for c in client.search_runs([client.get_run(summary.run_id).info.experiment_id],
                                                 f"tags.mlflow.parentRunId = '{summary.run_id}'")
                  if c.data.tags["vitpipe.stage.kind"] == "finetune")

@@ -1,0 +1,117 @@
+"""The pretrain stage: w_mim * LocalMIM + w_cl * (contrastive + InfoCL regularizer) on the unlabeled corpus.
+
+Outputs the encoder (timm ViT weights, no head) and, separately, the objective's decoders and heads.
+At the end a frozen-encoder linear probe on each downstream task is compared with the same probe on a
+randomly initialised encoder, so a run shows whether pretraining helped.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cluster.context import StageContext, StageResult
+from cluster.manifest import Manifest
+from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
+from models.vit import ViTSpec
+from tasks.augment import contrastive_view, mim_view
+from tasks.finetune import _split, normalize
+
+PROBE_PREFIX = "probe:"
+
+
+class PretrainConfig(BaseModel):
+    """The validated config of the pretrain node."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: ViTSpec
+    objective: PretrainObjectiveConfig = PretrainObjectiveConfig()
+    train: TrainConfig = TrainConfig(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    resources: Resources = Resources()
+    probe_tasks: tuple[str, ...] = Field((), description="downstream tasks for the end-of-stage linear probe")
+
+
+class PretrainModel(nn.Module):
+    """The encoder and the objective's decoders/heads as one module, so one optimizer trains both."""
+
+    def __init__(self, backbone: ViTSpec, objective: PretrainObjectiveConfig) -> None:
+        super().__init__()
+        self.vit = backbone.build(num_classes=0)
+        self.objective = PretrainObjective(self.vit, objective)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.vit, view1, view2)
+
+
+def two_views(contrastive: bool, batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator):
+    """(uint8 images, labels) -> (view1, view2): SimCLR views when the contrastive branch is on (LocalMIM
+    masks view1 itself), else one RandomResizedCrop + flip view, passed twice."""
+    images, _ = batch
+    if contrastive:
+        return contrastive_view(images, gen), contrastive_view(images, gen)
+    view = mim_view(images, gen)
+    return view, view
+
+
+def pretrain_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    return model(*batch)
+
+
+@torch.no_grad()
+def features(vit: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> pooled, normalised encoder features (N, C)."""
+    vit.eval()
+    out = [vit.forward_head(vit.forward_features(normalize(images[i:i + batch])), pre_logits=True)
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def linear_probe(vit: nn.Module, uri: str, size: int) -> float:
+    """Test accuracy of a logistic-regression probe on frozen features (train split -> test split)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train = _split(uri, "train", size)
+    x_test, y_test = _split(uri, "test", size)
+    scaler = StandardScaler().fit(features(vit, x_train).numpy())
+    probe = LogisticRegression(max_iter=2000).fit(scaler.transform(features(vit, x_train).numpy()), y_train.numpy())
+    return float(probe.score(scaler.transform(features(vit, x_test).numpy()), y_test.numpy()))
+
+
+def run(ctx: StageContext, cfg: PretrainConfig, inputs: dict[str, Manifest]) -> StageResult:
+    corpus = inputs["corpus"].outputs["uri"]
+    size = cfg.backbone.img_size
+    contrastive = cfg.objective.weights.get("infocl", 0) > 0
+    recipe = Recipe(
+        build_model=functools.partial(PretrainModel, cfg.backbone, cfg.objective),
+        data=TensorBatches(functools.partial(_split, corpus, "train", size),
+                           functools.partial(two_views, contrastive)),
+        loss=pretrain_loss,
+    )
+    started = time.perf_counter()
+    result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
+                          on_log=ctx.step_logger()))
+    metrics = {"train_seconds": time.perf_counter() - started,
+               **{k: v for k, v in result.metrics.items() if k.startswith("final_")}}
+
+    model = PretrainModel(cfg.backbone, cfg.objective)
+    model.load_state_dict(result.state, strict=False)
+    ctx.writer.put_weights("encoder.safetensors", model.vit.state_dict(), metadata={"arch": cfg.backbone.arch})
+    ctx.writer.put_weights("decoders.safetensors", model.objective.state_dict())
+    ctx.writer.put_json("history.json", result.history)
+
+    torch.manual_seed(ctx.seed)
+    random_vit = cfg.backbone.build(num_classes=0)
+    for role, manifest in inputs.items():
+        if role.startswith(PROBE_PREFIX):
+            task, uri = role.removeprefix(PROBE_PREFIX), manifest.outputs["uri"]
+            metrics[f"probe_accuracy.{task}"] = linear_probe(model.vit, uri, size)
+            metrics[f"probe_accuracy_random_init.{task}"] = linear_probe(random_vit, uri, size)
+    ctx.set_tags({"backbone": "pretrained-here", "objective.weights": str(dict(cfg.objective.weights))})
+    return StageResult(metrics=metrics, outputs={"arch": cfg.backbone.arch, "img_size": size})
