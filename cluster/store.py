@@ -14,8 +14,10 @@ import uuid
 
 import boto3
 from botocore.client import BaseClient
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
 
 # Temporary files of in-flight local writes start with this; keys may not, so list() can skip them.
 _TMP_PREFIX = ".vitpipe-tmp-"
@@ -25,6 +27,10 @@ _S3_ERRORS = (ClientError, BotoCoreError)
 
 class StoreError(Exception):
     """An artifact store operation failed; the message names the store URI and the key."""
+
+
+class StoreUnavailable(StoreError, TransientError):
+    """The store's endpoint did not answer (or kept answering 5xx/throttling) through every retry."""
 
 
 def clean_key(key: str) -> str:
@@ -190,12 +196,12 @@ class S3Store(ArtifactStore):
     The client is created lazily and dropped when pickled, so a store can be shipped to Ray workers.
     """
 
-    def __init__(self, bucket: str, prefix: str = "", *, max_attempts: int = 5) -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, retry: RetryPolicy = DEFAULT_RETRY) -> None:
         if not bucket or "/" in bucket:
             raise StoreError(f"s3://{bucket}: invalid bucket name {bucket!r}")
         self.bucket = bucket
         self.prefix = _clean_prefix(prefix)
-        self.max_attempts = max_attempts
+        self.retry = retry
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._client: BaseClient | None = None
 
@@ -205,14 +211,9 @@ class S3Store(ArtifactStore):
     @property
     def client(self) -> BaseClient:
         if self._client is None:
-            config = Config(
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=30,
-            )
             try:
                 # A private session: creating clients from boto3's default session is not thread-safe.
-                self._client = boto3.session.Session().client("s3", config=config)
+                self._client = boto3.session.Session().client("s3", config=self.retry.botocore_config())
             except (BotoCoreError, ValueError) as e:
                 raise StoreError(f"{self.uri}: cannot create S3 client: {e}") from e
         return self._client
@@ -235,7 +236,10 @@ class S3Store(ArtifactStore):
         else:
             reason = str(e)
         endpoint = self._client.meta.endpoint_url if self._client is not None else "<none>"
-        return StoreError(f"{self.uri} (endpoint {endpoint}): {key}: {what} failed: {reason}")
+        where = f"{self.uri} (endpoint {endpoint}): {key}: {what} failed"
+        if _is_transient(e):
+            return StoreUnavailable(f"{where} after {self.retry.attempts} tries: {reason}")
+        return StoreError(f"{where}: {reason}")
 
     def write_bytes(self, key: str, data: bytes) -> None:
         obj = self._object_key(key)
@@ -312,11 +316,21 @@ def _is_not_found(e: ClientError) -> bool:
     return e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
-def open_store(uri: str) -> ArtifactStore:
+def _is_transient(e: Exception) -> bool:
+    """No connection, a timeout, a 5xx or throttling: the kinds of failure that go away by themselves."""
+    if isinstance(e, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or e.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+    return False
+
+
+def open_store(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> ArtifactStore:
     """`s3://bucket/prefix` -> S3Store; a local path -> LocalStore (directory created if missing)."""
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
-        return S3Store(bucket, prefix)
+        return S3Store(bucket, prefix, retry=retry)
     if "://" in uri:
         raise StoreError(f"{uri}: unsupported store URI scheme (use a local path or s3://bucket/prefix)")
     return LocalStore(uri)

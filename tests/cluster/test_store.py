@@ -8,7 +8,16 @@ import time
 
 import pytest
 
-from cluster.store import ArtifactStore, LocalStore, S3Store, StoreError, check_writable, open_store
+from cluster.retry import RetryPolicy
+from cluster.store import (
+    ArtifactStore,
+    LocalStore,
+    S3Store,
+    StoreError,
+    StoreUnavailable,
+    check_writable,
+    open_store,
+)
 
 BAD_KEYS = ["", "/etc/passwd", "../escape", "a/../../escape", "a\\b", "a//b", "a/", "./a", "a/.", "a\x00b",
             "a\nb", ".vitpipe-tmp-x"]
@@ -115,13 +124,14 @@ def test_s3_store_pickles_for_ray_workers(s3_bucket: str) -> None:
 def test_unreachable_endpoint_fails_fast_naming_endpoint(s3_endpoint: str, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET-must-not-appear")
-    store = S3Store("bucket", "prefix", max_attempts=1)
+    store = S3Store("bucket", "prefix", retry=RetryPolicy(attempts=2, timeout_s=2))
     start = time.monotonic()
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(StoreUnavailable) as err:
         store.read_bytes("stages/x/k/manifest.json")
     assert time.monotonic() - start < 5
     msg = str(err.value)
     assert "http://127.0.0.1:1" in msg and "stages/x/k/manifest.json" in msg and "s3://bucket/prefix" in msg
+    assert "after 2 tries" in msg
     assert "SECRET" not in msg and "\n" not in msg
 
 
