@@ -7,6 +7,7 @@ nothing can be read or written outside the store root.
 from __future__ import annotations
 
 import abc
+import fcntl
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
 _TMP_PREFIX = ".vitpipe-tmp-"
 _S3_DELETE_BATCH = 1000
 _S3_ERRORS = (ClientError, BotoCoreError)
+# A conditional put that lost: the precondition failed, or a concurrent conditional write won.
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 class StoreError(Exception):
@@ -85,6 +88,11 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under directory `prefix` (which must not be empty)."""
+
+    @abc.abstractmethod
+    def compare_and_swap(self, key: str, expected: bytes | None, data: bytes) -> bool:
+        """Atomically write `data` iff the object's bytes are `expected` (None: iff it does not
+        exist); False when they differ. Of racing writers expecting the same bytes, one wins."""
 
     def local_path(self, key: str) -> str | None:
         """A filesystem path for `key` when the store is local, else None."""
@@ -173,6 +181,32 @@ class LocalStore(ArtifactStore):
                 shutil.rmtree(path)
         except OSError as e:
             raise StoreError(f"{self.uri}: {prefix}/: delete failed: {e.strerror or e}") from e
+
+    def compare_and_swap(self, key: str, expected: bytes | None, data: bytes) -> bool:
+        # The read-compare-replace runs under an flock on a sidecar file (hidden from list()); flock
+        # is released when its holder dies, and NFS maps it onto POSIX locks.
+        path = self._path(key)
+        lock = os.path.join(os.path.dirname(path), f"{_TMP_PREFIX}lock-{os.path.basename(path)}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"{self.uri}: {key}: cannot open lock file: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    current: bytes | None = f.read()
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                return False
+            self.write_bytes(key, data)
+            return True
+        except OSError as e:
+            raise StoreError(f"{self.uri}: {key}: compare-and-swap failed: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -310,6 +344,33 @@ class S3Store(ArtifactStore):
                     f"{self.uri}: {prefix}: delete failed for {len(resp['Errors'])} objects, "
                     f"first {first.get('Key')}: {first.get('Code')}"
                 )
+
+    def compare_and_swap(self, key: str, expected: bytes | None, data: bytes) -> bool:
+        # S3 conditional writes: If-None-Match "*" creates only if absent, If-Match replaces only the
+        # version whose ETag we compared (AWS since 2024, MinIO, moto).
+        obj = self._object_key(key)
+        condition = {"IfNoneMatch": "*"}
+        if expected is not None:
+            try:
+                current = self.client.get_object(Bucket=self.bucket, Key=obj)
+                if current["Body"].read() != expected:
+                    return False
+            except ClientError as e:
+                if _is_not_found(e):
+                    return False
+                raise self._error(key, "get", e) from e
+            except BotoCoreError as e:
+                raise self._error(key, "get", e) from e
+            condition = {"IfMatch": current["ETag"]}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=obj, Body=data, **condition)
+        except ClientError as e:
+            if _is_not_found(e) or e.response.get("Error", {}).get("Code") in _LOST_RACE:
+                return False
+            raise self._error(key, "conditional put", e) from e
+        except BotoCoreError as e:
+            raise self._error(key, "conditional put", e) from e
+        return True
 
 
 def _is_not_found(e: ClientError) -> bool:
