@@ -7,6 +7,8 @@ ranks, so N workers follow the same loss trajectory as one worker with the same 
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -137,6 +139,39 @@ class TensorBatches:
                 yield batch
 
 
+@dataclass(frozen=True)
+class StreamedBatches:
+    """Micro-batches streamed from this worker's shard of a Ray Dataset (a Recipe's `data`).
+
+    For corpora too large for memory: `fit` hands `TrainJob.datasets[name]` to Ray Train, which splits the
+    stream across workers; each worker reads `columns` in micro-batches with a seeded local shuffle and
+    re-reads the stream for as many passes as the steps need. Unlike TensorBatches, the sample order
+    depends on the worker count and a resumed run starts a fresh pass: the price of streaming.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    transform: Callable[[tuple[torch.Tensor, ...], torch.Generator], Any] | None = None
+    shuffle_buffer: int = 1024
+
+    def __call__(self, ctx: DataContext) -> Iterator[Any]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(self.name)
+        chunk = 0
+        for epoch in itertools.count():
+            batches = shard.iter_torch_batches(
+                batch_size=ctx.micro_batch, drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer,
+                local_shuffle_seed=hash((ctx.seed, ctx.start_step, ctx.rank, epoch)) % 2**31)
+            for batch in batches:
+                tensors = tuple(batch[c] for c in self.columns)
+                if self.transform is not None:
+                    gen = torch.Generator().manual_seed(hash((ctx.seed, ctx.start_step, ctx.rank, chunk)) % 2**63)
+                    tensors = self.transform(tensors, gen)
+                chunk += 1
+                yield tensors
+
+
 @dataclass
 class TrainJob:
     name: str
@@ -147,6 +182,7 @@ class TrainJob:
     seed: int = 0
     on_log: Callable[[int, int, dict[str, float]], None] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)  # Ray Datasets read by StreamedBatches
 
 
 @dataclass
@@ -171,10 +207,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         skip = p.ndim <= 1 or name.endswith((".bias", "pos_embed", "cls_token", "mask_token"))
         (no_decay if skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups, which breaks the scheduler
 
 
 def warmup_cosine(cfg: TrainConfig) -> Callable[[int], float]:
@@ -343,7 +377,8 @@ def fit(job: TrainJob) -> TrainResult:
     res = job.resources
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": dataclasses.replace(job, datasets={})},  # datasets travel as Ray Train's
+        datasets=job.datasets or None,
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,

@@ -116,13 +116,19 @@ def build_dag(cfg: PipelineConfig) -> list[Node]:
     return nodes
 
 
+def _without_resources(cfg: Any) -> Any:
+    """Resources change where a stage runs, not what it computes (data parallelism is exact)."""
+    if isinstance(cfg, dict):
+        return {k: _without_resources(v) for k, v in cfg.items() if k != "resources"}
+    return cfg
+
+
 def stage_keys(nodes: list[Node], seed: int, version: str) -> dict[str, str]:
     keys: dict[str, str] = {}
     for node in nodes:
         payload = {
             "kind": node.kind,
-            # Resources change where a stage runs, not what it computes (data parallelism is exact).
-            "cfg": {k: v for k, v in node.cfg.items() if k != "resources"},
+            "cfg": _without_resources(node.cfg),
             "upstream": {role: keys[dep] for role, dep in sorted(node.deps.items())},
             "seed": seed,
             "code": version,

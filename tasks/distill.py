@@ -79,10 +79,6 @@ class SelfDistillation(nn.Module):
         self.backbone = apply_tome(backbone.requires_grad_(False), r=0)
         self.token_compensator = tocom
         self._plug = plug(self.backbone, tocom, 0, 0, scale)
-        # Workaround: cluster.train.param_groups always makes a no-decay group; ToCom's weights are all 2-D,
-        # DeepSpeed drops the empty group and the LR scheduler, built for two groups, fails. This 1-D
-        # parameter has no elements (nothing trains); drop it once param_groups skips empty groups.
-        self.no_decay_placeholder = nn.Parameter(torch.zeros(0))
 
     def train(self, mode: bool = True) -> SelfDistillation:
         """ToCom's dropout follows `mode`; the frozen backbone always runs in eval mode."""

@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, TrainConfig, TrainJob, fit
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,3 +83,18 @@ def test_failed_worker_resumes_from_last_checkpoint(reference, tmp_path: Path) -
     assert [h["step"] for h in resumed.history] == list(range(1, 13))
     assert torch.allclose(_losses(reference), _losses(resumed), rtol=1e-4, atol=1e-5)
     assert resumed.metrics["accuracy"] == pytest.approx(reference.metrics["accuracy"], abs=1e-6)
+
+
+def test_two_workers_stream_a_ray_dataset_for_several_passes(ray_local, tmp_path: Path) -> None:
+    import ray.data
+
+    x, y = _digits()
+    dataset = ray.data.from_items([{"x": xi.numpy(), "y": int(yi)} for xi, yi in zip(x, y, strict=True)])
+    cfg = TrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=2, checkpoint_every=40, log_every=10)
+    recipe = Recipe(_mlp, StreamedBatches("train", ("x", "y"), shuffle_buffer=64), _loss, evaluate=_accuracy)
+    job = TrainJob("streamed", recipe, cfg, Resources(num_workers=2), str(tmp_path / "ray"), seed=3,
+                   datasets={"train": dataset})
+    result = fit(job)  # 40 steps x 32 samples = 2.5 passes over the 512 rows, split across the 2 workers
+    assert [h["step"] for h in result.history] == list(range(1, 41))
+    assert _losses(result)[-8:].mean() < _losses(result)[:8].mean() * 0.7
+    assert result.metrics["accuracy"] > 0.8
