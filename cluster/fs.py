@@ -6,12 +6,14 @@ import os
 
 import pyarrow.fs as pafs
 
+from cluster.retry import DEFAULT_RETRY, RetryPolicy
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def arrow_filesystem(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for `uri`; S3 honours AWS_ENDPOINT_URL(_S3) like boto3 does."""
     if is_s3(uri):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -19,6 +21,9 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             endpoint_override=endpoint,
             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
             allow_bucket_creation=False,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=retry.attempts),
+            connect_timeout=retry.timeout_s,
+            request_timeout=retry.timeout_s,
         )
         return fs, uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(uri)

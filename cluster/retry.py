@@ -48,3 +48,8 @@ class RetryPolicy(BaseModel):
 
 
 DEFAULT_RETRY = RetryPolicy()
+
+
+def task_retry_options(retry: RetryPolicy) -> dict[str, object]:
+    """Ray task options: re-run after a lost worker process or a TransientError, never after a bug."""
+    return {"max_retries": retry.stage_retries, "retry_exceptions": [TransientError]}

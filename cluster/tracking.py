@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
+from cluster.store import StoreError, clean_key
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,10 @@ BATCH = 100
 
 class TrackingError(Exception):
     """The tracking server cannot be reached or refused a request; names the tracking URI."""
+
+
+class TrackingUnavailable(TrackingError, TransientError):
+    """The tracking server did not answer (or kept failing with 5xx) through every retry."""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -53,17 +62,21 @@ class Tracker:
 
     uri: str
     experiment: str = "vitpipe"
+    retry: RetryPolicy = DEFAULT_RETRY
     _client: MlflowClient | None = field(default=None, repr=False, compare=False)
     _experiment_id: str | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "experiment": self.experiment, "_client": None, "_experiment_id": None}
+        return {"uri": self.uri, "experiment": self.experiment, "retry": self.retry, "_client": None,
+                "_experiment_id": None}
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            if self.uri.startswith(("http://", "https://")):
+                self.retry.configure_mlflow_http()
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -86,24 +99,29 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def _call(self, what: str, fn, *args, attempts: int = 4, **kwargs):
-        """Retry with backoff, then fail with an error naming the tracking URI."""
+    def _call(self, what: str, fn, *args, **kwargs):
+        """Retry transient failures with backoff, then fail with one line naming the tracking URI."""
+        attempts = self.retry.attempts
         for attempt in range(attempts):
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
-                if attempt == attempts - 1:
-                    raise TrackingError(f"MLflow at {_redact(self.uri)}: cannot {what}: "
-                                        f"{str(err).splitlines()[0][:200]}") from None
-                time.sleep(0.5 * 2**attempt)
+                transient = _is_transient(err)
+                if attempt == attempts - 1 or not transient:
+                    lines = _redact(str(err)).strip().splitlines() or [type(err).__name__]
+                    where = f"MLflow at {_redact(self.uri)}: cannot {what}"
+                    if transient:
+                        raise TrackingUnavailable(f"{where} after {attempts} tries: {lines[0][:300]}") from None
+                    raise TrackingError(f"{where}: {lines[0][:300]}") from None
+                time.sleep(self.retry.backoff(attempt))
         raise AssertionError("unreachable")
 
     def check_reachable(self) -> None:
-        """Preflight: the tracking store answers and the experiment exists."""
-        _ = self.experiment_id
+        """Preflight: the tracking store answers a read (nothing is created)."""
+        self._call("reach the tracking server", self.client.search_experiments, max_results=1)
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        tags = dict(tags)
+        tags = {k: _redact(str(v)) for k, v in tags.items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self._call("create a run", self.client.create_run, self.experiment_id,
@@ -111,7 +129,7 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, _redact(v)) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             self._call("log params", self.client.log_batch, run_id, params=items[i:i + BATCH])
 
@@ -123,10 +141,14 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self._call("set tags", self.client.log_batch, run_id,
-                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
+                   tags=[RunTag(k, _redact(str(v))) for k, v in tags.items()])
 
     def log_bytes(self, run_id: str, name: str, data: bytes) -> None:
         """A small artifact (JSON, PNG, a manifest) under the run's artifact root."""
+        try:
+            clean_key(name)
+        except StoreError as err:
+            raise TrackingError(f"MLflow artifact name: {err}") from None
         with tempfile.TemporaryDirectory() as d:
             path = Path(d, name)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,12 +160,20 @@ class Tracker:
         self._call("end a run", self.client.set_terminated, run_id, status)
 
 
-def _redact(uri: str) -> str:
-    """Drop user:password@ from a URI before it appears in a message."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return uri
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
+
+
+def _redact(text: str) -> str:
+    """Drop `user:password@` from every URI in `text` before it is logged or shown."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def _is_transient(err: Exception) -> bool:
+    """A client error (4xx other than 429: bad value, missing run) will not go away by retrying."""
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return not (400 <= status < 500 and status != 429)
+    return True
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,8 +22,10 @@ import ray
 
 from cluster.context import StageContext
 from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
+from cluster.preflight import preflight
 from cluster.progress import ConsoleProgress, ProgressBoard
-from cluster.store import ArtifactStore, check_writable, open_store
+from cluster.retry import RetryPolicy, task_retry_options
+from cluster.store import ArtifactStore, open_store
 from cluster.tracking import Tracker, flatten, git_commit
 from pipelines.dag import PACKAGE_ROOT, Node, build_dag, code_version, stage_keys
 from pipelines.report import print_summary, summary_artifacts
@@ -38,6 +40,7 @@ class NodeEnv:
     """What a node's Ray task needs to reach the store, MLflow and the progress board."""
 
     store_uri: str
+    retry: RetryPolicy
     tracker: Tracker
     run_id: str
     seed: int
@@ -65,20 +68,21 @@ class RunSummary:
         return all(o.status in ("cached", "ran") for o in self.outcomes)
 
 
-@ray.remote(max_retries=2)
+@ray.remote
 def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream: Manifest) -> Manifest:
     """Run one stage and commit its manifest; reuse a manifest another runner committed meanwhile."""
-    store = open_store(env.store_uri)
+    store = open_store(env.store_uri, env.retry)
     done = load_manifest(store, node.kind, key)
     if done is not None:
         return done
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     writer = StageWriter(store, node.kind, key)
     ctx = StageContext(node.name, node.kind, key, env.seed, store, writer, env.tracker, env.run_id,
                        env.train_storage, env.board)
     result = STAGES[node.kind].run(ctx, node.config(), dict(zip(roles, upstream, strict=True)))
     manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
-                             timings={"seconds": time.perf_counter() - started})
+                             timings={"seconds": time.perf_counter() - started, "started_at": started_at,
+                                      "finished_at": time.time()})
     env.tracker.log_metrics(env.run_id, result.metrics)
     env.tracker.log_bytes(env.run_id, "manifest.json", canonical_json(manifest.model_dump(mode="json")))
     return manifest
@@ -117,10 +121,9 @@ class _Run:
 
     def __init__(self, cfg: PipelineConfig, out: TextIO) -> None:
         self.cfg, self.out = cfg, out
-        self.store = open_store(cfg.store_uri)
-        check_writable(self.store)
-        self.tracker = Tracker(cfg.tracking, cfg.experiment)
-        self.tracker.check_reachable()
+        self.store = open_store(cfg.store_uri, cfg.retry)
+        self.tracker = Tracker(cfg.tracking, cfg.experiment, cfg.retry)
+        preflight(self.store, self.tracker, train_storage(cfg, self.store), cfg.retry)
         self.nodes = build_dag(cfg)
         self.version = code_version()
         self.keys = stage_keys(self.nodes, cfg.seed, self.version)
@@ -196,7 +199,8 @@ class _Run:
         run_id = self.child[node.name]
         self.tracker.set_tags(run_id, self.input_tags(node))
         env = NodeEnv(run_id=run_id, **self.env_base)
-        ref = execute_node.options(num_cpus=node.cpus, name=node.name).remote(
+        options = {"num_cpus": node.cpus, "name": node.name, **task_retry_options(self.cfg.retry)}
+        ref = execute_node.options(**options).remote(
             node, self.keys[node.name], env, roles, *[self.outcomes[node.deps[r]].manifest for r in roles])
         self.pending[ref] = (node, time.perf_counter())
 
@@ -243,10 +247,26 @@ class _Run:
         """Ray is only started when something has to run: a fully cached re-run needs none."""
         connect_ray(self.cfg)
         self.capacity = {r: v for r, v in ray.cluster_resources().items() if r in ("CPU", "GPU")}
+        self.waiting = self.fit_gpus(self.waiting)
         self.tracker.set_tags(self.parent, {"vitpipe.ray_address": ray.get_runtime_context().gcs_address})
-        self.env_base = {"store_uri": self.store.uri, "tracker": self.tracker, "seed": self.cfg.seed,
+        self.env_base = {"store_uri": self.store.uri, "retry": self.cfg.retry, "tracker": self.tracker,
+                         "seed": self.cfg.seed,
                          "train_storage": train_storage(self.cfg, self.store),
                          "board": ProgressBoard.remote()}
+
+    def fit_gpus(self, nodes: list[Node]) -> list[Node]:
+        """On a cluster without GPUs, GPU requests become 0 (one warning), unless ray.gpu_fallback is off.
+
+        Resources are not part of a stage key, so the CPU run fills the same cache entry.
+        """
+        asking = [n for n in nodes if (n.cfg.get("resources") or {}).get("gpus_per_worker", 0) > 0]
+        if not asking or self.capacity.get("GPU", 0) > 0 or not self.cfg.ray.gpu_fallback:
+            return nodes
+        log.warning("the Ray cluster has no GPUs: %d node(s) that ask for GPUs run on CPU "
+                    "(gpus_per_worker -> 0; set ray.gpu_fallback: false to wait for GPU nodes instead)",
+                    len(asking))
+        return [replace(n, cfg={**n.cfg, "resources": {**n.cfg["resources"], "gpus_per_worker": 0.0}})
+                if n in asking else n for n in nodes]
 
     def execute(self) -> RunSummary:
         self.start_parent()

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.retry import RetryPolicy
 from cluster.train import Resources, TrainConfig
 from models.pretrain_objectives import PretrainObjectiveConfig
 from models.vit import ViTSpec
@@ -93,6 +94,8 @@ class RayConfig(Frozen):
     address: str | None = None
     num_cpus: int | None = Field(None, gt=0)
     num_gpus: int | None = Field(None, ge=0)
+    gpu_fallback: bool = Field(True, description="on a cluster without GPUs, run GPU stages on CPU (one "
+                               "warning); false for autoscaling clusters whose GPU nodes start on demand")
 
 
 class PipelineConfig(Frozen):
@@ -103,6 +106,7 @@ class PipelineConfig(Frozen):
     tracking_uri: str | None = None
     experiment: str = "vitpipe"
     ray: RayConfig = RayConfig()
+    retry: RetryPolicy = RetryPolicy()
     backbone: ViTSpec = ViTSpec()
     corpus: DatasetSpec | None = None
     tasks: dict[str, DatasetSpec]
