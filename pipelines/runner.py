@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import ray
 
 from cluster.context import StageContext
+from cluster.lease import claim_stage
 from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
 from cluster.preflight import preflight
 from cluster.progress import ConsoleProgress, ProgressBoard
@@ -75,14 +76,18 @@ def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream
     done = load_manifest(store, node.kind, key)
     if done is not None:
         return done
-    started, started_at = time.perf_counter(), time.time()
-    writer = StageWriter(store, node.kind, key)
-    ctx = StageContext(node.name, node.kind, key, env.seed, store, writer, env.tracker, env.run_id,
-                       env.train_storage, env.board)
-    result = STAGES[node.kind].run(ctx, node.config(), dict(zip(roles, upstream, strict=True)))
-    manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
-                             timings={"seconds": time.perf_counter() - started, "started_at": started_at,
-                                      "finished_at": time.time()})
+    with claim_stage(store, node.kind, key) as claim:  # another runner may be computing this key
+        if claim.manifest is not None:
+            return claim.manifest
+        started, started_at = time.perf_counter(), time.time()
+        writer = StageWriter(store, node.kind, key)
+        ctx = StageContext(node.name, node.kind, key, env.seed, store, writer, env.tracker, env.run_id,
+                           env.train_storage, env.board)
+        result = STAGES[node.kind].run(ctx, node.config(), dict(zip(roles, upstream, strict=True)))
+        claim.check_held()
+        manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
+                                 timings={"seconds": time.perf_counter() - started, "started_at": started_at,
+                                          "finished_at": time.time()})
     env.tracker.log_metrics(env.run_id, result.metrics)
     env.tracker.log_bytes(env.run_id, "manifest.json", canonical_json(manifest.model_dump(mode="json")))
     return manifest
@@ -222,6 +227,14 @@ class _Run:
             self.tracker.set_tags(run_id, {"vitpipe.error": message[:5000]})
             self.tracker.finish(run_id, "FAILED")
             self.progress.print(f"  failed   {node.name}: {message}")
+            return
+        if manifest.mlflow_run_id != run_id:  # committed by a concurrent runner while this one waited
+            self.tracker.set_tags(run_id, {"vitpipe.cached": "yes",
+                                           "vitpipe.computed_by": manifest.mlflow_run_id or "unknown"})
+            self.tracker.log_metrics(run_id, manifest.metrics)
+            self.tracker.finish(run_id)
+            self.outcomes[node.name] = NodeOutcome(node, key, "cached", seconds, manifest=manifest)
+            self.progress.print(f"  reused   {node.name}  ({key[:12]}, computed by another runner)")
             return
         self.outcomes[node.name] = NodeOutcome(node, key, "ran", seconds, manifest=manifest)
         self.tracker.finish(run_id)
