@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,10 +17,11 @@ from torch import nn
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, TrainConfig, TrainJob, fit
 from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
 from models.vit import ViTSpec
 from tasks.augment import contrastive_view, mim_view
+from tasks.data import ray_dataset
 from tasks.finetune import _split, normalize
 
 PROBE_PREFIX = "probe:"
@@ -35,6 +37,9 @@ class PretrainConfig(BaseModel):
     train: TrainConfig = TrainConfig(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     resources: Resources = Resources()
     probe_tasks: tuple[str, ...] = Field((), description="downstream tasks for the end-of-stage linear probe")
+    loader: Literal["ray_data", "memory"] = Field(
+        "ray_data", description="ray_data: stream the corpus shards through Ray Data into each worker (any size); "
+        "memory: decode it into every worker (small corpora; the same sample order for any worker count)")
 
 
 class PretrainModel(nn.Module):
@@ -88,15 +93,16 @@ def run(ctx: StageContext, cfg: PretrainConfig, inputs: dict[str, Manifest]) -> 
     corpus = inputs["corpus"].outputs["uri"]
     size = cfg.backbone.img_size
     contrastive = cfg.objective.weights.get("infocl", 0) > 0
-    recipe = Recipe(
-        build_model=functools.partial(PretrainModel, cfg.backbone, cfg.objective),
-        data=TensorBatches(functools.partial(_split, corpus, "train", size),
-                           functools.partial(two_views, contrastive)),
-        loss=pretrain_loss,
-    )
+    views = functools.partial(two_views, contrastive)
+    if cfg.loader == "ray_data":
+        data = StreamedBatches("train", ("image", "label"), views)
+        datasets = {"train": ray_dataset(corpus, size, "train")}
+    else:
+        data, datasets = TensorBatches(functools.partial(_split, corpus, "train", size), views), {}
+    recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective), data, pretrain_loss)
     started = time.perf_counter()
     result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
-                          on_log=ctx.step_logger()))
+                          on_log=ctx.step_logger(), datasets=datasets))
     metrics = {"train_seconds": time.perf_counter() - started,
                **{k: v for k, v in result.metrics.items() if k.startswith("final_")}}
 
