@@ -1,0 +1,86 @@
+"""Two `vitpipe run` of the same config against the same store: each stage is computed exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cluster.lease import lease_key
+from cluster.manifest import load_manifest
+from cluster.store import open_store
+from pipelines.spec import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_second_runner_waits_for_the_first_and_reuses_its_outputs(ray_local: str, mlflow_server: str,
+                                                                   tmp_path: Path) -> None:
+    config = {
+        "name": "race", "seed": 0, "work_dir": str(tmp_path / "work"), "experiment": "test-race",
+        "tracking_uri": mlflow_server, "tasks": {"faces": {"source": "faces"}},
+        "stages": {"finetune": {
+            "methods": ["linear"],
+            "train": {"steps": 60, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 20, "log_every": 10},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1}}},
+    }
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(path)
+    store = open_store(cfg.store_uri)
+    env = {**os.environ, "RAY_ADDRESS": ray_local}
+
+    def start(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")
+        return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def finetune_lease_held() -> bool:
+        return any(json.loads(store.read_bytes(k))["state"] == "held" for k in store.list("leases/finetune"))
+
+    first = start("first")
+    deadline = time.monotonic() + 300
+    try:  # start the second runner while the first one is computing the finetune stage
+        while not finetune_lease_held():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first runner never started fine-tuning"
+            time.sleep(0.2)
+        second = start("second")
+        assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("test-race").experiment_id
+    parents = client.search_runs([experiment], "tags.`vitpipe.pipeline` = 'race'", order_by=["start_time ASC"])
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    children = {p.info.run_id: {c.data.tags["vitpipe.node"]: c for c in client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{p.info.run_id}'")} for p in parents}
+    first_runs, second_runs = children[parents[0].info.run_id], children[parents[1].info.run_id]
+    assert {n: r.data.tags["vitpipe.cached"] for n, r in first_runs.items()} == {
+        "data/faces": "no", "finetune/faces/linear": "no"}
+    assert {n: r.data.tags["vitpipe.cached"] for n, r in second_runs.items()} == {
+        "data/faces": "yes", "finetune/faces/linear": "yes"}
+    # The second runner found no manifest, waited on the lease, and then reused the first one's output.
+    computed = first_runs["finetune/faces/linear"].info.run_id
+    assert second_runs["finetune/faces/linear"].data.tags["vitpipe.computed_by"] == computed
+    assert "test_accuracy" in second_runs["finetune/faces/linear"].data.metrics
+    assert "reused   finetune/faces/linear" in (tmp_path / "second.log").read_text()
+
+    for name, run in first_runs.items():
+        kind, key = run.data.tags["vitpipe.stage.kind"], run.data.tags["vitpipe.stage.key"]
+        assert second_runs[name].data.tags["vitpipe.stage.key"] == key
+        manifest = load_manifest(store, kind, key)
+        assert manifest is not None and manifest.mlflow_run_id == first_runs[name].info.run_id
+        assert json.loads(store.read_bytes(lease_key(kind, key)))["state"] == "released"
+    # One Ray Train run (one set of checkpoints) for the one fine-tuning that happened.
+    assert len(list(Path(cfg.work_dir, "ray-train").glob("*"))) == 1
