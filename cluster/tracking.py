@@ -196,9 +196,13 @@ class StepLogger:
 
 
 def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
-    """The checkout's commit, when the code runs from a git work tree."""
+    """The checkout's commit: the stamp that `vitpipe submit` writes into the source tree it ships
+    without .git (cluster.submit.COMMIT_STAMP), else `git rev-parse HEAD` of the work tree."""
     import subprocess
 
+    stamp = Path(path) / ".vitpipe-commit"
+    if stamp.is_file():
+        return stamp.read_text().strip() or None
     try:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=True)

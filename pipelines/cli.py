@@ -1,4 +1,4 @@
-"""The `vitpipe` command line: data prepare, plan, run, audit."""
+"""The `vitpipe` command line: data prepare, plan, run, submit/status/logs (Ray Jobs), audit."""
 
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def _parser() -> argparse.ArgumentParser:
     pipeline_cmd("plan", "print the DAG with each node's key and cached/pending status")
     run = pipeline_cmd("run", "run the pipeline (cached nodes are reused)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+    submit = pipeline_cmd("submit", "run the pipeline on a Ray cluster as a Ray Job")
+    submit.add_argument("--address", help="the cluster's Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--wait", action="store_true", help="stream the job's output; exit 1 if the job fails")
+    submit.add_argument("--runtime-env", choices=("image", "pip"),
+                        help="image: the nodes already have vitpipe's dependencies; pip: Ray installs them per "
+                             "job (default: the config's submit.runtime_env, else image)")
+    submit.add_argument("--env", dest="env_names", action="append", default=[], metavar="NAME",
+                        help="also forward this environment variable to the job (its value is never printed)")
+    for name, what in (("status", "Ray Jobs on the cluster, or one job's status"),
+                       ("logs", "a job's output (the pipeline driver's console)")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("job", nargs="?" if name == "status" else None, help="job id printed by submit")
+        c.add_argument("--address", help="the cluster's Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    logs = sub.choices["logs"]
+    logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends; exit 1 if it failed")
 
     audit = sub.add_parser("audit", help="lineage of a finished run, with checksums re-verified")
     audit.add_argument("run_id")
@@ -74,6 +90,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.submit import cluster_warnings, connect, job_spec, staged_project, submit
+    from cluster.tracking import git_commit
+    from pipelines.dag import PACKAGE_ROOT
+    from pipelines.spec import load_config
+
+    cfg = load_config(args.config, tuple(args.overrides))  # a bad config fails here, not on the cluster
+    settings = cfg.submit.model_copy(update={"runtime_env": args.runtime_env or cfg.submit.runtime_env})
+    for note in cluster_warnings(cfg.store_uri, cfg.tracking):
+        print(f"vitpipe: warning: {note}", file=sys.stderr)
+    commit = git_commit(PACKAGE_ROOT)
+    spec = job_spec(Path(args.config).name, cfg.name, tuple(args.overrides), settings, os.environ,
+                    tuple(args.env_names), commit)
+    client = connect(args.address)
+    with staged_project(PACKAGE_ROOT, Path(args.config), commit, settings.excludes) as working_dir:
+        job_id = submit(client, spec, working_dir, {n: os.environ[n] for n in spec.forwarded})
+    hint = f" --address {args.address}" if args.address else ""
+    print(f"submitted Ray job {job_id} ({cfg.name!r}, runtime_env {settings.runtime_env}) to {client.get_address()}")
+    if spec.forwarded:
+        print(f"  environment forwarded: {', '.join(spec.forwarded)} (values not shown)")
+    print(f"  follow it:  vitpipe logs {job_id}{hint} --follow   (or: ray job logs -f {job_id}{hint})")
+    print(f"  status:     vitpipe status {job_id}{hint}")
+    return _follow(client, job_id, hint) if args.wait else 0
+
+
+def _follow(client, job_id: str, hint: str) -> int:
+    """Stream a job's output until it ends; 0 if it succeeded, 1 if it failed or was stopped."""
+    from cluster.submit import print_logs, wait_until_done
+
+    try:
+        print_logs(client, job_id, sys.stdout, follow=True)
+    except KeyboardInterrupt:
+        print(f"\nvitpipe: stopped following; job {job_id} keeps running (vitpipe logs {job_id}{hint} -f)",
+              file=sys.stderr)
+        return 130
+    info = wait_until_done(client, job_id)
+    detail = f": {info.message}" if str(info.status) != "SUCCEEDED" and info.message else ""
+    print(f"vitpipe: job {job_id} {info.status}{detail}")
+    return 0 if str(info.status) == "SUCCEEDED" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from cluster.submit import connect, job_info, list_jobs
+
+    def when(ms: int | None) -> str:
+        return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+    client = connect(args.address)
+    if args.job:
+        info = job_info(client, args.job)
+        print(f"{args.job}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        print(f"  pipeline:   {(info.metadata or {}).get('vitpipe.pipeline', '-')}")
+        print(f"  started:    {when(info.start_time)}   ended: {when(info.end_time)}")
+        print(f"  entrypoint: {info.entrypoint}")
+        return 0
+    jobs = list_jobs(client)
+    print(f"{'job':<44} {'status':<10} {'started':<19}  pipeline")
+    for job in jobs:
+        job_id = job.submission_id or job.job_id or "-"
+        pipeline = (job.metadata or {}).get("vitpipe.pipeline", "-")
+        print(f"{job_id:<44} {job.status!s:<10} {when(job.start_time):<19}  {pipeline}")
+    print(f"{len(jobs)} jobs at {client.get_address()}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from cluster.submit import connect, print_logs
+
+    client = connect(args.address)
+    if args.follow:
+        return _follow(client, args.job, f" --address {args.address}" if args.address else "")
+    print_logs(client, args.job, sys.stdout)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from pipelines.audit import audit, format_audit
     from pipelines.spec import load_config
@@ -112,6 +205,7 @@ def cmd_peft_table(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Domain errors become one line on stderr and exit code 2."""
     from cluster.store import StoreError
+    from cluster.submit import SubmitError
     from cluster.tracking import TrackingError
     from pipelines.audit import AuditError
     from pipelines.spec import ConfigError
@@ -120,11 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
-    handlers = {"plan": cmd_plan, "run": cmd_run, "audit": cmd_audit, "data": cmd_data,
-                "peft-table": cmd_peft_table}
+    handlers = {"plan": cmd_plan, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs,
+                "audit": cmd_audit, "data": cmd_data, "peft-table": cmd_peft_table}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, StoreError, TrackingError, AuditError) as err:
+    except (ConfigError, DataError, StoreError, TrackingError, AuditError, SubmitError) as err:
         print(f"vitpipe: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
 

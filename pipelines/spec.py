@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.retry import RetryPolicy
+from cluster.submit import SubmitConfig
 from cluster.train import Resources, TrainConfig
 from models.pretrain_objectives import PretrainObjectiveConfig
 from models.vit import ViTSpec
@@ -107,6 +108,7 @@ class PipelineConfig(Frozen):
     experiment: str = "vitpipe"
     ray: RayConfig = RayConfig()
     retry: RetryPolicy = RetryPolicy()
+    submit: SubmitConfig = SubmitConfig()
     backbone: ViTSpec = ViTSpec()
     corpus: DatasetSpec | None = None
     tasks: dict[str, DatasetSpec]
