@@ -13,20 +13,52 @@ from itertools import pairwise
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather that keeps the graph: each rank gets the gradient every rank's loss sends to its rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's ctx
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def _across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x: (n, D) -> (world * n, D) stacked in rank order, and this rank's row offset in it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent: z1, z2 (N, D) projections of two views; each of the 2N anchors has 1 positive
-    (its other view) and 2N - 2 negatives, cosine similarity / tau, mean cross-entropy."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    n = z1.shape[0]
-    logits = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, positives)
+    (its other view) and 2N - 2 negatives, cosine similarity / tau, mean cross-entropy.
+
+    Under torch.distributed the negatives are the views of every rank's samples (SimCLR's global-batch
+    negatives), with gradients flowing back to their ranks: with data parallelism averaging gradients, loss
+    and gradients equal one worker's on the global batch, whatever the worker count.
+    """
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    (k1, offset), (k2, _) = _across_ranks(z1), _across_ranks(z2)
+    n, total = z1.shape[0], k1.shape[0]
+    local = torch.arange(offset, offset + n, device=z1.device)
+    logits = torch.cat([z1, z2]) @ torch.cat([k1, k2]).T / tau
+    is_self = torch.zeros_like(logits, dtype=torch.bool)
+    is_self[torch.arange(2 * n, device=z1.device), torch.cat([local, total + local])] = True
+    return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), torch.cat([total + local, local]))
 
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,44 @@ def test_nt_xent_matches_the_per_anchor_definition() -> None:
     assert nt_xent(z1, z1 * 3.0) < nt_xent(z1, z2)  # scale-free: a view equal up to norm is a perfect positive
 
 
+def _nt_xent_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo process: NT-Xent on this rank's slice of a fixed batch; saves loss and input gradients."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    n = len(z1) // world
+    z1, z2 = (z[rank * n:(rank + 1) * n].clone().requires_grad_() for z in (z1, z2))
+    loss = nt_xent(z1, z2, tau=0.5)
+    loss.backward()
+    save_file({"loss": loss.detach().reshape(1), "g1": z1.grad, "g2": z2.grad}, f"{out}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_nt_xent_across_ranks_equals_the_global_batch(tmp_path) -> None:
+    """2 gloo ranks, each with half the batch: the rank-mean loss is the one-process loss on the whole batch,
+    and each rank's gradient, averaged over ranks as data parallelism does, is the whole-batch gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nt_xent_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(8, 6, generator=g).requires_grad_() for _ in range(2))
+    loss = nt_xent(z1, z2, tau=0.5)
+    loss.backward()
+    assert torch.allclose(torch.cat([r["loss"] for r in ranks]).mean(), loss.detach(), atol=1e-6)
+    assert torch.allclose(torch.cat([r["g1"] for r in ranks]) / 2, z1.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([r["g2"] for r in ranks]) / 2, z2.grad, atol=1e-6)
+
+
 def test_lbe_estimator_matches_its_definition_and_bounds() -> None:
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(6, 4, generator=g) * 5
