@@ -41,10 +41,12 @@ class RetryPolicy(BaseModel):
         """MLflow's HTTP client reads its retries and timeout from the environment on every request.
 
         Its own retries are turned off so that the Tracker's loop (this policy) is the only one;
-        otherwise both multiply and an unreachable server takes minutes to report.
+        otherwise both multiply and an unreachable server takes minutes to report. Its "View run at
+        <tracking URI>" lines are turned off too: they would print a password inside the URI.
         """
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(self.timeout_s)))
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 DEFAULT_RETRY = RetryPolicy()

@@ -66,6 +66,9 @@ class Tracker:
     _client: MlflowClient | None = field(default=None, repr=False, compare=False)
     _experiment_id: str | None = field(default=None, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        return f"Tracker({_redact(self.uri)!r}, {self.experiment!r})"
+
     def __getstate__(self) -> dict[str, Any]:
         return {"uri": self.uri, "experiment": self.experiment, "retry": self.retry, "_client": None,
                 "_experiment_id": None}

@@ -29,6 +29,7 @@ def test_uri_credentials_never_reach_params_or_tags(tracker: Tracker) -> None:
     assert data.params["tracking_uri"] == "http://10.0.0.5:5000" and data.params["plain"] == "a@b"
     assert data.tags["vitpipe.store"] == "https://minio.local/bucket"
     assert data.tags["vitpipe.ray_address"] == "ray://head:10001"
+    assert repr(Tracker(f"https://user:{SECRET}@mlflow.local", "e")) == "Tracker('https://mlflow.local', 'e')"
 
 
 @pytest.mark.parametrize("name", ["../escape.json", "/tmp/abs.json", "a\\b.json", "a//b.json", "a/", ""])
