@@ -38,6 +38,13 @@ class StageContext:
         if self.tracker and self.run_id:
             self.tracker.log_bytes(self.run_id, name, data)
 
+    def register_model(self, name: str, local_dir: str, tags: dict[str, str]) -> tuple[str, str] | None:
+        """Register the model files in `local_dir` in MLflow's model registry; (name, version), or None
+        when the stage runs without tracking."""
+        if self.tracker and self.run_id:
+            return self.tracker.register_model(self.run_id, name, local_dir, "model", tags)
+        return None
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.tracker and self.run_id:
             self.tracker.set_tags(self.run_id, tags)

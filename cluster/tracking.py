@@ -159,6 +159,20 @@ class Tracker:
             folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
             self._call("log an artifact", self.client.log_artifact, run_id, str(path), folder)
 
+    def register_model(self, run_id: str, name: str, local_dir: str, artifact_path: str,
+                       tags: dict[str, str]) -> tuple[str, str]:
+        """Log a model folder as run artifacts and register it as a new version of model `name` in the
+        model registry (the registered model is created on first use); returns (name, version)."""
+        self._call("log model files", self.client.log_artifacts, run_id, local_dir, artifact_path)
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        try:
+            self.client.create_registered_model(name)
+        except Exception:  # it exists (registered by an earlier run, or concurrently by another node)
+            self._call("look up a registered model", self.client.get_registered_model, name)
+        version = self._call("register a model version", self.client.create_model_version, name, source,
+                             run_id, tags={k: str(v) for k, v in tags.items()})
+        return name, str(version.version)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end a run", self.client.set_terminated, run_id, status)
 

@@ -85,7 +85,8 @@ def _pretrain_node(cfg: PipelineConfig) -> Node:
 
 
 def build_dag(cfg: PipelineConfig) -> list[Node]:
-    """Nodes in topological order: data per task (and corpus), pretrain, then finetune per (task, method)."""
+    """Nodes in topological order: data per task (and corpus), pretrain, distill, then per (task, method):
+    finetune, evaluate, prune."""
     nodes = [_data_node(task, spec.source) for task, spec in cfg.tasks.items()]
     backbone: dict[str, str] = {}
     if cfg.stages.pretrain is not None:
@@ -113,6 +114,13 @@ def build_dag(cfg: PipelineConfig) -> list[Node]:
                 eval_cfg = {"finetune": stage_cfg, **cfg.stages.evaluate.model_dump()}
                 deps = {"model": name, "data": f"data/{task}", "tocom": "distill", **backbone}
                 nodes.append(Node(f"evaluate/{task}/{method.name}", "evaluate", eval_cfg, deps=deps, cpus=1.0))
+            prune = cfg.stages.prune
+            if prune is not None and (prune.finetune_methods is None or method.name in prune.finetune_methods):
+                prune_cfg = {"finetune": stage_cfg, **prune.model_dump(by_alias=True, exclude={"finetune_methods"})}
+                deps = {"model": name, "data": f"data/{task}", **backbone}
+                if cfg.stages.distill is not None:
+                    deps["tocom"] = "distill"
+                nodes.append(Node(f"prune/{task}/{method.name}", "prune", prune_cfg, deps=deps))
     return nodes
 
 

@@ -48,6 +48,25 @@ def _print_tocom(outcomes: list[Any], out: TextIO) -> None:
               + _format_table(header, rows) + "\n")
 
 
+def _print_prune(outcomes: list[Any], out: TextIO) -> None:
+    """Per pruned model: accuracy, params, FLOPs, CPU latency (batch 1), throughput (batch 64), before -> after."""
+    pruned = [o.manifest.outputs for o in outcomes if o.node.kind == "prune" and o.manifest is not None]
+    if not pruned:
+        return
+    header = ["task", "method", "pruner", "keep", "r", "test acc", "params", "GFLOPs", "latency b1 ms",
+              "img/s b64"]
+    rows = []
+    for p in pruned:
+        b, a = p["before"], p["after"]
+        rows.append([p["task"], p["method"], p["pruner"], f"{p['keep_ratio']:g}", f"{p['r_src']}->{p['tome_r']}",
+                     f"{b['test_accuracy']:.3f}->{a['test_accuracy']:.3f}", f"{b['params'] / 1e6:.3f}M->"
+                     f"{a['params'] / 1e6:.3f}M", f"{b['flops'] / 1e9:.3f}->{a['flops'] / 1e9:.3f}",
+                     f"{b['latency_ms_b1']:.2f}->{a['latency_ms_b1']:.2f}",
+                     f"{b['throughput_b64']:.0f}->{a['throughput_b64']:.0f}"])
+    out.write("\npruned + merged models against the unpruned fine-tuned model (before -> after)\n"
+              + _format_table(header, rows) + "\n")
+
+
 def print_summary(outcomes: list[Any], groups: dict[str, str | None], out: TextIO) -> None:
     rows = [[o.node.name, o.status, o.key[:12], f"{o.seconds:.1f}s" if o.status == "ran" else "-",
              _headline(o)] for o in outcomes]
@@ -62,6 +81,7 @@ def print_summary(outcomes: list[Any], groups: dict[str, str | None], out: TextI
             rows = [[stat, *(f"{means[m].get(stat, float('nan')):.4f}" for m in methods)] for stat in stats]
             out.write("\n" + _format_table(["mean over", *methods], rows) + "\n")
     _print_tocom(outcomes, out)
+    _print_prune(outcomes, out)
     cached = sum(o.status == "cached" for o in outcomes)
     if cached == len(outcomes):
         out.write(f"\nall {cached} nodes cached: nothing was trained.\n")

@@ -17,6 +17,8 @@ from tasks.data import DataError, resolve_source
 from tasks.distill import DistillConfig
 from tasks.finetune import FinetuneMethod
 from tasks.pretrain import PretrainConfig
+from tasks.prune import PRUNERS, PruneConfig
+from tasks.prune import TRAIN_DEFAULTS as PRUNE_TRAIN_DEFAULTS
 
 
 class ConfigError(Exception):
@@ -84,11 +86,49 @@ class EvaluateStage(Frozen):
     scales: tuple[float, ...] = (0.05, 0.08, 0.1, 0.12, 0.15)
 
 
+class PruneStage(Frozen):
+    """Per fine-tuned model: structured pruning, then ToMe at tome_r with ToCom merged, export, registry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    method: str = "resrep"
+    keep_ratio: float = 0.5
+    head_keep_ratio: float | None = None
+    lam: float = Field(1e-4, gt=0, alias="lambda")
+    centripetal: float = Field(3e-3, ge=0)
+    tome_r: int = Field(0, ge=0, description="ToMe degree of the deployed model")
+    tocom_scales: tuple[float, ...] = PruneConfig.model_fields["tocom_scales"].default
+    finetune_methods: tuple[str, ...] | None = Field(None, description="fine-tuned models to prune; None: all")
+    train: TrainConfig = PruneConfig.model_fields["train"].default
+    resources: Resources = Resources()
+    latency_repeats: int = Field(20, gt=0)
+
+    @field_validator("keep_ratio", "head_keep_ratio")
+    @classmethod
+    def _ratio(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"keep ratio must satisfy 0 < k <= 1 (the fraction of units kept), got {value}")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        if method not in PRUNERS:
+            raise ValueError(f"unknown pruning method {method!r} (known: {', '.join(PRUNERS)})")
+        return method
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _stage_defaults(cls, value: Any) -> Any:
+        return {**PRUNE_TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
+
+
 class Stages(Frozen):
     pretrain: PretrainStage | None = None
     distill: DistillStage | None = None
     finetune: FinetuneStage = FinetuneStage()
     evaluate: EvaluateStage | None = None
+    prune: PruneStage | None = None
 
 
 class RayConfig(Frozen):
@@ -122,6 +162,12 @@ class PipelineConfig(Frozen):
             raise ValueError("stages.pretrain and stages.distill need a `corpus:` dataset")
         if self.stages.evaluate is not None and self.stages.distill is None:
             raise ValueError("stages.evaluate compares with and without ToCom: it needs stages.distill")
+        if self.stages.prune is not None and self.stages.prune.finetune_methods is not None:
+            known = [m.name for m in self.stages.finetune.methods]
+            for i, name in enumerate(self.stages.prune.finetune_methods):
+                if name not in known:
+                    raise ValueError(f"stages.prune.finetune_methods[{i}]: {name!r} is not a stages.finetune method "
+                                     f"({', '.join(known)})")
         return self
 
     @property

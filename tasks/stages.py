@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from tasks import distill, evaluate, finetune, prepare, pretrain
+from tasks import distill, evaluate, finetune, prepare, pretrain, prune
 
 
 class Stage(NamedTuple):
@@ -21,4 +21,5 @@ STAGES: dict[str, Stage] = {
     "distill": Stage(distill.run, distill.DistillConfig),
     "finetune": Stage(finetune.run, finetune.FinetuneConfig),
     "evaluate": Stage(evaluate.run, evaluate.EvaluateConfig),
+    "prune": Stage(prune.run, prune.PruneConfig),
 }
