@@ -31,7 +31,7 @@ DEFAULT_EXCLUDES = (".git", ".venv", "venv", "vitpipe-work", "__pycache__", "*.p
                     ".pytest_cache", ".ruff_cache", ".mypy_cache", "mlruns", "build", "dist")
 # Not secret, and what a job needs to find the same S3 endpoint and MLflow server as the submitter.
 DEFAULT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
+               "VITPIPE_STORE", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -132,14 +132,40 @@ def _explicit_address(address: str | None) -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _api_errors() -> tuple[type[Exception], ...]:
+    """What the Jobs API client raises for an unreachable cluster, a refused request or a bad token."""
+    from ray.exceptions import RayError
+
+    return ConnectionError, RuntimeError, ValueError, RayError
+
+
+def _use_local_token() -> None:
+    """As `ray start` does: with RAY_AUTH_MODE unset, a local Ray token (~/.ray/auth_token,
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) turns on token authentication for the Jobs API requests."""
+    import logging
+
+    try:
+        from ray._private.authentication import authentication_token_setup as token_setup
+    except ImportError:  # a Ray without token authentication
+        return
+    quiet = logging.getLogger(token_setup.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
 def connect(address: str | None):
     """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265); None: RAY_ADDRESS."""
     from ray.job_submission import JobSubmissionClient
 
+    _use_local_token()
     try:
         with _explicit_address(address):
             return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except _api_errors() as err:
         where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "<local>"
         raise SubmitError(f"cannot reach the Ray Jobs API at {where}: {_first_line(err)}") from err
 
@@ -150,21 +176,21 @@ def submit(client, spec: JobSpec, working_dir: Path, secrets: Mapping[str, str])
         return client.submit_job(entrypoint=spec.entrypoint, submission_id=spec.submission_id,
                                  runtime_env={**spec.runtime_env, "working_dir": str(working_dir)},
                                  metadata=spec.metadata)
-    except (ConnectionError, RuntimeError, ValueError, TypeError) as err:
+    except (*_api_errors(), TypeError) as err:
         raise SubmitError(_redact(f"job submission failed: {_first_line(err)}", secrets.values())) from err
 
 
 def job_info(client, job_id: str):
     try:
         return client.get_job_info(job_id)
-    except (ConnectionError, RuntimeError) as err:
+    except _api_errors() as err:
         raise SubmitError(f"job {job_id}: {_first_line(err)}") from err
 
 
 def list_jobs(client) -> list:
     try:
         return sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
-    except (ConnectionError, RuntimeError) as err:
+    except _api_errors() as err:
         raise SubmitError(f"cannot list jobs: {_first_line(err)}") from err
 
 
@@ -205,13 +231,20 @@ def _redact(text: str, values) -> str:
     return text
 
 
-def cluster_warnings(store_uri: str, tracking_uri: str) -> list[str]:
-    """What will not work as expected once the run is on a cluster instead of this machine."""
+def cluster_warnings(store: str | None, tracking_uri: str | None) -> list[str]:
+    """What will not work as expected once the run is on a cluster (None: set neither in the YAML nor
+    in this environment, so the job takes the nodes' VITPIPE_STORE / MLFLOW_TRACKING_URI, if any)."""
     notes = []
-    if not store_uri.startswith("s3://"):
-        notes.append(f"store {store_uri} is a path on the cluster's nodes: use an s3:// store (or a filesystem "
+    if store is None:
+        notes.append("no store set (YAML `store:` or VITPIPE_STORE): the job uses the nodes' VITPIPE_STORE "
+                     "(ray_cluster.yaml sets it), else a folder on the node that runs the job")
+    elif not store.startswith("s3://"):
+        notes.append(f"store {store} is a path on the cluster's nodes: use an s3:// store (or a filesystem "
                      "shared by every node) so that stages on different nodes see each other's outputs")
-    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+    if tracking_uri is None:
+        notes.append("no MLflow server set (YAML `tracking_uri:` or MLFLOW_TRACKING_URI): the job uses the "
+                     "nodes' MLFLOW_TRACKING_URI (ray_cluster.yaml sets it), else a SQLite file on the head")
+    elif tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
         notes.append(f"tracking URI {tracking_uri} is a file on the node that runs the job: set tracking_uri "
                      "to your MLflow server to see the runs")
     return notes

@@ -67,7 +67,16 @@ def _load(args: argparse.Namespace):
     overrides = list(args.overrides)
     if getattr(args, "address", None):
         overrides.append(f"ray.address={args.address}")
-    return load_config(args.config, tuple(overrides))
+    return _environment_defaults(load_config(args.config, tuple(overrides)))
+
+
+def _environment_defaults(cfg):
+    """A YAML without `store:` / `tracking_uri:` takes VITPIPE_STORE / MLFLOW_TRACKING_URI from the
+    environment: how a cluster's nodes (ray_cluster.yaml) name their S3 prefix and MLflow server."""
+    update = {field: os.environ[name] for field, name in (("store", "VITPIPE_STORE"),
+                                                          ("tracking_uri", "MLFLOW_TRACKING_URI"))
+              if getattr(cfg, field) is None and os.environ.get(name)}
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -96,9 +105,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.dag import PACKAGE_ROOT
     from pipelines.spec import load_config
 
-    cfg = load_config(args.config, tuple(args.overrides))  # a bad config fails here, not on the cluster
+    cfg = _environment_defaults(load_config(args.config, tuple(args.overrides)))  # fails here, not on the cluster
     settings = cfg.submit.model_copy(update={"runtime_env": args.runtime_env or cfg.submit.runtime_env})
-    for note in cluster_warnings(cfg.store_uri, cfg.tracking):
+    for note in cluster_warnings(cfg.store, cfg.tracking_uri):
         print(f"vitpipe: warning: {note}", file=sys.stderr)
     commit = git_commit(PACKAGE_ROOT)
     spec = job_spec(Path(args.config).name, cfg.name, tuple(args.overrides), settings, os.environ,
@@ -143,9 +152,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.job:
         info = job_info(client, args.job)
         print(f"{args.job}: {info.status}" + (f" ({info.message})" if info.message else ""))
-        print(f"  pipeline:   {(info.metadata or {}).get('vitpipe.pipeline', '-')}")
+        metadata, env = info.metadata or {}, (info.runtime_env or {}).get("env_vars") or {}
+        commit = metadata.get("vitpipe.git_commit") or "-"
+        print(f"  pipeline:   {metadata.get('vitpipe.pipeline', '-')}  (commit {commit})")
         print(f"  started:    {when(info.start_time)}   ended: {when(info.end_time)}")
         print(f"  entrypoint: {info.entrypoint}")
+        print(f"  env:        {', '.join(sorted(env)) or '-'}  (values not shown)")
         return 0
     jobs = list_jobs(client)
     print(f"{'job':<44} {'status':<10} {'started':<19}  pipeline")

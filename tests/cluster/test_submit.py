@@ -70,3 +70,5 @@ def test_warnings_for_stores_and_trackers_that_only_exist_on_one_node() -> None:
     assert cluster_warnings("s3://bucket/root", "http://mlflow:5000") == []
     local = cluster_warnings("vitpipe-work/artifacts", "sqlite:///vitpipe-work/mlflow.db")
     assert len(local) == 2 and "s3://" in local[0] and "MLflow server" in local[1]
+    unset = cluster_warnings(None, None)
+    assert len(unset) == 2 and "VITPIPE_STORE" in unset[0] and "MLFLOW_TRACKING_URI" in unset[1]
