@@ -47,7 +47,8 @@ def architecture(model: VisionTransformer) -> dict[str, Any]:
         "qk_norm": _is(first.attn.q_norm), "proj_bias": first.attn.proj.bias is not None,
         "init_values": 1.0 if isinstance(first.ls1, LayerScale) else None,
         "class_token": model.cls_token is not None, "no_embed_class": model.no_embed_class,
-        "reg_tokens": model.num_reg_tokens, "pre_norm": _is(model.norm_pre), "final_norm": _is(model.norm),
+        "reg_tokens": model.num_reg_tokens, "pre_norm": _is(model.norm_pre),
+        "final_norm": _is(model.norm) or _is(model.fc_norm),  # timm builds fc_norm only with final_norm
         "fc_norm": _is(model.fc_norm), "dynamic_img_size": model.dynamic_img_size,
     }
     blocks = [{"num_heads": b.attn.num_heads, "head_dim": b.attn.head_dim, "mlp_hidden": b.mlp.fc1.out_features,

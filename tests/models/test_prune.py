@@ -266,3 +266,13 @@ def test_load_needs_none_of_the_training_code(tmp_path: Path) -> None:
             " 'models.peft') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_export_rebuilds_an_avg_pooled_layout_without_cls(tmp_path: Path, images: torch.Tensor) -> None:
+    """global_pool="avg" puts the final norm in fc_norm: the rebuilt model must have it too."""
+    torch.manual_seed(0)
+    model = build_vit("vitpipe_tiny_patch4_32", num_classes=10, global_pool="avg", class_token=False).eval()
+    PRUNERS["resrep"].convert(PRUNERS["resrep"].prepare(model, PruneSettings(keep_ratio=0.5)))
+    export(model, tmp_path, {})
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path)(images), model(images), rtol=0, atol=0)
