@@ -44,12 +44,12 @@ def pipeline_config(work: Path, steps: int) -> Path:
     return path
 
 
-def stage_throughput(tracking: str, run_id: str) -> float:
+def stage_throughput(tracking: str, run_id: str, kind: str = "finetune") -> float:
     """Mean images/s the stage logged, without its first window (start-up, first-step allocations)."""
     client = MlflowClient(tracking)
     exp = client.get_run(run_id).info.experiment_id
     child = next(c for c in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'")
-                 if c.data.tags["vitpipe.stage.kind"] == "finetune")
+                 if c.data.tags["vitpipe.stage.kind"] == kind)
     points = sorted(client.get_metric_history(child.info.run_id, "images_per_s"), key=lambda m: m.step)
     values = [m.value for m in points[1:]] or [m.value for m in points]
     return sum(values) / len(values)
