@@ -111,7 +111,7 @@ def main() -> None:
         assert result.ok, [o.error for o in result.outcomes if o.error]
         stage = stage_throughput(cfg.tracking, result.run_id, "pretrain")
         corpus = next(o for o in result.outcomes if o.node.name == "data/corpus").manifest.outputs["uri"]
-        _, _, bare = bare_pretrain(FULL, corpus, args.steps)
+        both, _, bare = bare_pretrain(FULL, corpus, args.steps)
 
         digits = prepare("digits", str(work / "digits")).uri
         size = BACKBONE["img_size"]
@@ -125,7 +125,8 @@ def main() -> None:
         torch.manual_seed(0)
         random = ViTSpec(**BACKBONE).build(num_classes=0)
         probes = {name: linear_probe(m.vit if hasattr(m, "vit") else m, digits, size)
-                  for name, m in [("local", local), ("top", top), ("top_timed", top_timed), ("random", random)]}
+                  for name, m in [("local", local), ("top", top), ("top_timed", top_timed), ("both", both),
+                                   ("random", random)]}
 
     lines = [
         f"pretrain stage (Ray Data -> Ray Train -> DeepSpeed): {stage:.0f} img/s, bare PyTorch loop: {bare:.0f} img/s "
@@ -135,6 +136,7 @@ def main() -> None:
         f"(LocalMIM - top at equal steps: {probes['local'] - probes['top']:+.3f})",
         f"top-layer MIM, {top_steps} steps in LocalMIM's {local_s:.0f} s: digits linear probe "
         f"{probes['top_timed']:.3f} (LocalMIM - top at equal time: {probes['local'] - probes['top_timed']:+.3f})",
+        f"LocalMIM + InfoCL (SimCLR + RC), {args.steps} steps: digits linear probe {probes['both']:.3f}",
         f"random-init encoder: digits linear probe {probes['random']:.3f}",
     ]
     elapsed = time.perf_counter() - began
