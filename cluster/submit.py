@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -84,13 +85,7 @@ def job_spec(config_name: str, pipeline: str, overrides: tuple[str, ...], cfg: S
     slug = re.sub(r"[^a-z0-9-]+", "-", pipeline.lower()).strip("-") or "pipeline"
     submission_id = f"vitpipe-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     metadata = {"vitpipe.pipeline": pipeline, "vitpipe.config": config_name, "vitpipe.git_commit": commit or ""}
-    return JobSpec(submission_id, _shell_join(args), runtime_env, metadata, names)
-
-
-def _shell_join(args: list[str]) -> str:
-    import shlex
-
-    return " ".join(shlex.quote(a) for a in args)
+    return JobSpec(submission_id, shlex.join(args), runtime_env, metadata, names)
 
 
 def project_requirements() -> list[str]:
