@@ -13,6 +13,19 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models are overhead-bound: one intra-op thread is faster, and immune to a busy CI box.
+    (Ray workers are other processes; the stages set their own thread counts.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # S3: moto's S3 server on loopback, reached over real HTTP through boto3's env configuration.
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,16 +24,6 @@ from models.pretrain_objectives import PRETRAIN_OBJECTIVES, PretrainObjective, P
 from models.vit import build_vit
 
 SMALL = dict(rc_widths=(16, 32, 16), proj_dim=32)  # narrow RC decoder and projector for CPU tests
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on shared busy cores run several times faster on one intra-op thread (module scope:
-    set up before the module-scoped training fixtures)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits(start: int, stop: int, size: int = 16) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,16 +26,6 @@ from models.mim import (
 from models.vit import build_vit
 
 SCALES = (4.0, 2.0, 1.0, 0.5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on shared busy cores run several times faster on one intra-op thread (module scope:
-    set up before the module-scoped training fixtures)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits(n: int, size: int) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,6 @@ from models.vit import build_vit
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH, HIDDEN, HEADS, DEPTH, TOKENS = 64, 256, 4, 4, 65  # the tiny ViT: 64 patches + cls
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models are overhead-bound: one intra-op thread is faster, and immune to a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(seed: int = 0):

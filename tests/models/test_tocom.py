@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterator
 
 import pytest
 import safetensors.torch
@@ -26,15 +25,6 @@ from models.tome import apply_tome, set_tome_r
 from models.vit import build_vit
 
 MAX_R = 4  # degrees 0..4 on 65 tokens: 65 -> 61 -> ... -> 49 at r = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models are overhead-bound: one intra-op thread is faster, and immune to a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:

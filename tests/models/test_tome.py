@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ from models.vit import build_vit
 
 CLS = dict()
 AVG = dict(class_token=False, global_pool="avg")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models are overhead-bound: one intra-op thread is faster, and immune to a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:

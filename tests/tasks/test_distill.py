@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -35,15 +34,6 @@ from tasks.finetune import FinetuneConfig, FinetuneMethod
 MAX_R = 4  # 64 tokens: 64 -> 60 -> ... -> 48 at r = 4
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models are overhead-bound: one intra-op thread is faster, and immune to a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_stage(store: LocalStore, tmp: Path, stage: ModuleType, kind: str, key: str, cfg, inputs) -> Manifest:

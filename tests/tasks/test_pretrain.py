@@ -4,7 +4,6 @@ Parquet data from the data stage, a local artifact store."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,14 +20,6 @@ OBJECTIVE = {"weights": {"localmim": 1.0, "infocl": 1.0},
              "infocl": {"base": "simclr", "regularizer": "rc", "rc_widths": [32, 32, 16, 16]}}
 TRAIN = {"steps": 24, "batch_size": 32, "lr": 1e-3, "betas": (0.9, 0.95), "warmup_steps": 4,
          "checkpoint_every": 24, "log_every": 8, "max_failures": 0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ artifact store, MLflow (SQLite) with its model registry; the exported model relo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,14 +27,6 @@ from tasks.prune import PruneConfig
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "demo.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_stage(store: LocalStore, tmp: Path, stage: ModuleType, kind: str, key: str, cfg, inputs,
