@@ -122,7 +122,11 @@ def _attention_with_metric(
 
 
 class ToMeBlock(Block):
-    """timm Block that merges r tokens between attention and MLP; r = 0 is timm's forward unchanged."""
+    """timm Block that merges r tokens between attention and MLP; r = 0 is the block's own forward unchanged.
+
+    A Block subclass that adds to the MLP half (a parallel adapter) patches as well if it exposes that half as
+    `mlp_residual(x) -> x + MLP branch + its additions`: ToMe then merges before calling it.
+    """
 
     _tome_info: ToMeInfo
     _tome_first: bool
@@ -144,7 +148,10 @@ class ToMeBlock(Block):
         if info.trace_source:
             info.source = merge_source(merge, x, info.source)
         x, info.size = merge_wavg(merge, x, info.size)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if hasattr(self, "mlp_residual"):
+            x = self.mlp_residual(x)
+        else:
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         info.token_counts.append(x.shape[1])
         return x
 
@@ -163,13 +170,27 @@ def apply_tome(
         raise ValueError("ToMe here protects at most one prefix token (cls); register tokens are unsupported")
     info = ToMeInfo(r=0, prop_attn=prop_attn, trace_source=trace_source, protect_cls=model.cls_token is not None)
     for i, block in enumerate(model.blocks):
-        if type(block) not in (Block, ToMeBlock) or not isinstance(block.attn, Attention):
-            raise TypeError(f"block {i} is {type(block).__name__}; ToMe needs timm Block with Attention")
-        block.__class__ = ToMeBlock
+        patched = _tome_class(type(block))
+        if patched is None or not isinstance(block.attn, Attention):
+            raise TypeError(f"block {i} is {type(block).__name__}; ToMe needs a timm Block with Attention "
+                            "(or a Block subclass that defines mlp_residual)")
+        block.__class__ = patched
         block._tome_info, block._tome_first = info, i == 0
     model._tome_info = info
     set_tome_r(model, r)
     return model
+
+
+_TOME_CLASSES: dict[type, type] = {Block: ToMeBlock}
+
+
+def _tome_class(cls: type) -> type | None:
+    """ToMeBlock for timm's Block; ToMe<cls>(ToMeBlock, cls) for a Block subclass with mlp_residual."""
+    if issubclass(cls, ToMeBlock):
+        return cls
+    if cls not in _TOME_CLASSES and issubclass(cls, Block) and hasattr(cls, "mlp_residual"):
+        _TOME_CLASSES[cls] = type(f"ToMe{cls.__name__}", (ToMeBlock, cls), {"__module__": cls.__module__})
+    return _TOME_CLASSES.get(cls)
 
 
 def set_tome_r(model: VisionTransformer, r: int) -> None:

@@ -42,6 +42,10 @@ class ParallelAdapterBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's second half, MLP and adapter side by side (ToMe merges tokens just before it)."""
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.adapter(x)
 
 

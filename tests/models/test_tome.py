@@ -174,3 +174,24 @@ def test_gradients_flow_through_merging() -> None:
 def test_rejects_non_vit() -> None:
     with pytest.raises(TypeError):
         apply_tome(torch.nn.Linear(2, 2), r=1)
+
+
+def test_parallel_adapter_blocks_merge_before_their_mlp_and_adapter() -> None:
+    """A PEFT model with adapters beside the MLP (adaptformer, bi_adapter) patches too: exact at r = 0, the adapter
+    still acts at r > 0 (zeroing it changes the merged model's output)."""
+    from models.peft import PEFT_METHODS
+
+    model = PEFT_METHODS["adaptformer"].apply(tiny_vit()).eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adapter.up.weight, std=0.5)
+    x = images()
+    with torch.no_grad():
+        plain = model(x)
+        patched = apply_tome(copy.deepcopy(model), r=0)
+        assert torch.equal(patched(x), plain)
+        set_tome_r(patched, 4)
+        merged = patched(x)
+        assert tome_info(patched).token_counts == expected_counts(65, 4, 4, cls=True)
+        for block in patched.blocks:
+            torch.nn.init.zeros_(block.adapter.up.weight)
+        assert not torch.allclose(patched(x), merged, atol=1e-4)
