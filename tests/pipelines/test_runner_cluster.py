@@ -25,8 +25,9 @@ FAST_FAIL = {"attempts": 2, "backoff_s": 0.1, "timeout_s": 2}
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_http_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Tracker sets MLflow's HTTP retry variables in this process; undo that after each test."""
-    for name, default in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")):
+    """A Tracker sets MLflow's HTTP variables in this process; undo that after each test."""
+    for name, default in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"),
+                          ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")):
         monkeypatch.setenv(name, os.environ.get(name, default))
 
 
