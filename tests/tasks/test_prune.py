@@ -118,7 +118,7 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert logged == {"model/model.safetensors", "model/model.json"}
 
 
-def test_csgd_keeps_an_unmergeable_adapter_and_skips_tome_it_cannot_patch(world: dict, tmp_path: Path) -> None:
+def test_csgd_keeps_an_unmergeable_adapter_and_merges_tokens_beside_it(world: dict, tmp_path: Path) -> None:
     ft = finetune_config("bi_adapter", dim=8)
     model = finetuned(world, ft, "digits-biadapter")
     cfg = prune_config(ft, "csgd", keep_ratio=0.75, head_keep_ratio=0.5, tome_r=4)
@@ -126,7 +126,7 @@ def test_csgd_keeps_an_unmergeable_adapter_and_skips_tome_it_cannot_patch(world:
     manifest = run_stage(world["store"], world["tmp"], prune, "prune", "digits-bi-csgd", cfg, inputs)
     out = manifest.outputs
     assert out["widths"] == [{"mlp_hidden": 192, "num_heads": 2}] * 4
-    assert out["merged"] is False and out["tome_r"] == 0 and out["tocom"] is None and out["registered"] is None
+    assert out["merged"] is False and out["tome_r"] == 4 and out["tocom"] is None and out["registered"] is None
     deploy = load(exported(world, manifest, tmp_path))
     assert json.loads((tmp_path / "model.json").read_text())["peft"]["name"] == "bi_adapter"
     assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy_after"]
