@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.tracking import git_commit
+from models.peft import PEFT_METHODS
 from pipelines.spec import PipelineConfig
 from tasks.stages import STAGES
 
@@ -110,7 +111,8 @@ def build_dag(cfg: PipelineConfig) -> list[Node]:
             }
             name = f"finetune/{task}/{method.name}"
             nodes.append(Node(name, "finetune", stage_cfg, deps={"data": f"data/{task}", **backbone}))
-            if cfg.stages.evaluate is not None:
+            # evaluate deploys at other ToMe degrees: only for methods whose blocks ToMe can patch
+            if cfg.stages.evaluate is not None and PEFT_METHODS[method.name].token_merging:
                 eval_cfg = {"finetune": stage_cfg, **cfg.stages.evaluate.model_dump()}
                 deps = {"model": name, "data": f"data/{task}", "tocom": "distill", **backbone}
                 nodes.append(Node(f"evaluate/{task}/{method.name}", "evaluate", eval_cfg, deps=deps, cpus=1.0))

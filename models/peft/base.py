@@ -39,6 +39,7 @@ class PeftMethod:
     name: ClassVar[str]
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
     mergeable: ClassVar[bool] = False
+    token_merging: ClassVar[bool] = True  # ToMe can patch the adapted blocks (models.tome)
     scopes: ClassVar[tuple[str, ...]] = ()
 
     def config(self, cfg: PeftConfig | Mapping[str, Any] | None = None) -> PeftConfig:

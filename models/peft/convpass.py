@@ -75,6 +75,7 @@ class Convpass(PeftMethod):
     """Two convolutional bypasses per block; not mergeable."""
 
     name: ClassVar[str] = "convpass"
+    token_merging: ClassVar[bool] = False  # the bypass convolves tokens on their 2-D grid, which merging dissolves
     config_cls: ClassVar[type[PeftConfig]] = ConvpassSettings
     scopes: ClassVar[tuple[str, ...]] = ("bypass_attn", "bypass_mlp")
 

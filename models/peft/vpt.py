@@ -48,6 +48,7 @@ class Vpt(PeftMethod):
     """Deep visual prompts; not mergeable."""
 
     name: ClassVar[str] = "vpt"
+    token_merging: ClassVar[bool] = False  # its prompt tokens would be merged into image tokens
     config_cls: ClassVar[type[PeftConfig]] = VptSettings
     scopes: ClassVar[tuple[str, ...]] = ("prompts",)
 

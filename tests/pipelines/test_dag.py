@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from pipelines.dag import build_dag, stage_keys
 from pipelines.spec import load_config
 
@@ -45,3 +47,14 @@ def test_resources_do_not_change_keys_but_seed_and_code_do() -> None:
     cfg = load_config(DEMO)
     assert stage_keys(build_dag(cfg), cfg.seed + 1, "test-version")["data/digits"] != base["data/digits"]
     assert stage_keys(build_dag(cfg), cfg.seed, "other-version")["data/digits"] != base["data/digits"]
+
+
+def test_no_evaluate_node_for_methods_that_token_merging_cannot_patch(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEMO.read_text())
+    data["stages"]["finetune"]["methods"] = ["linear", "convpass", "vpt"]
+    del data["stages"]["prune"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "p.yaml")
+    names = {n.name for n in build_dag(cfg)}
+    assert {"finetune/digits/convpass", "finetune/digits/vpt", "evaluate/digits/linear"} <= names
+    assert not {"evaluate/digits/convpass", "evaluate/digits/vpt"} & names
