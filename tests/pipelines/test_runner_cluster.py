@@ -119,7 +119,9 @@ def test_training_worker_sigkilled_mid_stage_resumes_from_checkpoint(ray_local, 
 
     checkpoints = Path(cfg.work_dir, "ray-train")  # one training run: the finetune node's
     deadline = time.monotonic() + 400
-    while len(list(checkpoints.glob("*/checkpoint_*"))) < 2:  # the first one is surely registered by now
+    # Ray Train writes its checkpoint manager's snapshot once it has registered a checkpoint (a checkpoint
+    # folder alone may not be registered yet, and a worker killed before that restarts from step 0).
+    while not list(checkpoints.glob("*/checkpoint_manager_snapshot.json")):
         assert driver.is_alive() and time.monotonic() < deadline, "no checkpoint was written in time"
         time.sleep(0.2)
     victims = train_workers()
