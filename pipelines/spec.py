@@ -17,8 +17,7 @@ from tasks.data import DataError, resolve_source
 from tasks.distill import DistillConfig
 from tasks.finetune import FinetuneMethod
 from tasks.pretrain import PretrainConfig
-from tasks.prune import PRUNERS, PruneConfig
-from tasks.prune import TRAIN_DEFAULTS as PRUNE_TRAIN_DEFAULTS
+from tasks.prune import PruneConfig, PrunerName, PruneTrain
 
 
 class ConfigError(Exception):
@@ -91,7 +90,7 @@ class PruneStage(Frozen):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
 
-    method: str = "resrep"
+    method: PrunerName = "resrep"
     keep_ratio: float = 0.5
     head_keep_ratio: float | None = None
     lam: float = Field(1e-4, gt=0, alias="lambda")
@@ -99,7 +98,7 @@ class PruneStage(Frozen):
     tome_r: int = Field(0, ge=0, description="ToMe degree of the deployed model")
     tocom_scales: tuple[float, ...] = PruneConfig.model_fields["tocom_scales"].default
     finetune_methods: tuple[str, ...] | None = Field(None, description="fine-tuned models to prune; None: all")
-    train: TrainConfig = PruneConfig.model_fields["train"].default
+    train: PruneTrain = PruneConfig.model_fields["train"].default
     resources: Resources = Resources()
     latency_repeats: int = Field(20, gt=0)
 
@@ -110,17 +109,6 @@ class PruneStage(Frozen):
             raise ValueError(f"keep ratio must satisfy 0 < k <= 1 (the fraction of units kept), got {value}")
         return value
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, method: str) -> str:
-        if method not in PRUNERS:
-            raise ValueError(f"unknown pruning method {method!r} (known: {', '.join(PRUNERS)})")
-        return method
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _stage_defaults(cls, value: Any) -> Any:
-        return {**PRUNE_TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
 
 
 class Stages(Frozen):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -35,6 +35,22 @@ from tasks.finetune import FinetuneConfig, _split, accuracy, classification_loss
 
 TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0}
 # tasks.finetune.normalize maps uint8 x to x / 127.5 - 1, i.e. (x / 255 - 0.5) / 0.5 per channel.
+
+
+def _known_pruner(method: str) -> str:
+    if method not in PRUNERS:
+        raise ValueError(f"unknown pruning method {method!r} (known: {', '.join(PRUNERS)})")
+    return method
+
+
+def _with_train_defaults(value: Any) -> Any:
+    """Unnamed train fields take the prune stage's defaults, not TrainConfig's."""
+    return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
+
+
+# Shared by PruneConfig and the pipeline YAML's stages.prune (pipelines.spec.PruneStage).
+PrunerName = Annotated[str, AfterValidator(_known_pruner)]
+PruneTrain = Annotated[TrainConfig, BeforeValidator(_with_train_defaults)]
 PREPROCESS = {"input": "RGB, uint8 scaled to [0, 1]", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
@@ -44,29 +60,17 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
 
     finetune: FinetuneConfig
-    method: str = "resrep"
+    method: PrunerName = "resrep"
     keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of MLP hidden units kept")
     head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
     lam: float = Field(1e-4, gt=0, alias="lambda", description="ResRep group-lasso strength")
     centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength")
     tome_r: int = Field(0, ge=0, description="ToMe degree r_tgt of the deployed model")
     tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field((0.05, 0.08, 0.1, 0.12, 0.15), min_length=1)
-    train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
+    train: PruneTrain = TrainConfig(**TRAIN_DEFAULTS)
     resources: Resources = Resources()
     latency_repeats: int = Field(20, gt=0, description="timed forwards per model and batch size")
     registry_prefix: str = "vitpipe"
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, method: str) -> str:
-        if method not in PRUNERS:
-            raise ValueError(f"unknown pruning method {method!r} (known: {', '.join(PRUNERS)})")
-        return method
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _stage_defaults(cls, value: Any) -> Any:
-        return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
 
     def settings(self) -> PruneSettings:
         """ResRep's forget set grows over the first half of the training forwards."""
