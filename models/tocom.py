@@ -102,16 +102,29 @@ class ToComPlug:
     scale: float
     enabled: bool = True
     handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+    _mask: tuple[tuple, torch.Tensor] | None = field(default=None, repr=False)
+
+    def delta_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """Delta(source_r -> target_r)'s mask in like's dtype and device, built once per degree pair."""
+        key = (self.source_r, self.target_r, like.dtype, like.device)
+        if self._mask is None or self._mask[0] != key:
+            self._mask = key, self.tocom.delta_mask(self.source_r, self.target_r).to(like.device, like.dtype)
+        return self._mask[1]
 
 
 def _qkv_hook(plug: ToComPlug, block: int):
-    """Forward hook on attn.qkv: its input is the LN1 output, its output gains [s Dq, 0, s Dv]."""
+    """Forward hook on attn.qkv: its input is the LN1 output; s Dq and s Dv are added in place to the q and v
+    thirds of its output (the Linear's backward does not need its output, so autograd allows it)."""
 
     def hook(module: nn.Linear, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor | None:
         if not plug.enabled:
             return None
-        delta_q, delta_v = plug.tocom.delta(block, inputs[0], plug.source_r, plug.target_r)
-        return output + plug.scale * torch.cat([delta_q, torch.zeros_like(delta_q), delta_v], dim=-1)
+        x = inputs[0]
+        delta_q, delta_v = plug.tocom.blocks[block](x, plug.delta_mask(x))
+        width = delta_q.shape[-1]
+        output[..., :width].add_(delta_q, alpha=plug.scale)
+        output[..., 2 * width :].add_(delta_v, alpha=plug.scale)
+        return output
 
     return hook
 

@@ -214,15 +214,21 @@ def cmd_peft_table(args: argparse.Namespace) -> int:
     return 0
 
 
+# Errors that mean bad input or an unreachable service: one line on stderr and exit code 2, no traceback.
+DOMAIN_ERRORS = (("cluster.store", "StoreError"), ("cluster.submit", "SubmitError"),
+                 ("cluster.tracking", "TrackingError"), ("pipelines.audit", "AuditError"),
+                 ("pipelines.spec", "ConfigError"), ("tasks.data", "DataError"))
+
+
+def _is_domain_error(err: Exception) -> bool:
+    """Looked up among the modules already imported (one that is not cannot have raised), so that a
+    command imports only what it uses: `vitpipe status` needs no torch."""
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in DOMAIN_ERRORS if module in sys.modules)
+    return isinstance(err, loaded)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Domain errors become one line on stderr and exit code 2."""
-    from cluster.store import StoreError
-    from cluster.submit import SubmitError
-    from cluster.tracking import TrackingError
-    from pipelines.audit import AuditError
-    from pipelines.spec import ConfigError
-    from tasks.data import DataError
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
@@ -230,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "audit": cmd_audit, "data": cmd_data, "peft-table": cmd_peft_table}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, StoreError, TrackingError, AuditError, SubmitError) as err:
+    except Exception as err:
+        if not _is_domain_error(err):
+            raise
         print(f"vitpipe: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
 

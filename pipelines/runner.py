@@ -93,6 +93,10 @@ def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream
     return manifest
 
 
+RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_RAY_TRAIN_POLL_S = "0.2"
+
+
 def connect_ray(cfg: PipelineConfig) -> None:
     """Connect to RAY_ADDRESS / the configured cluster, else start a local Ray, quietly."""
     if ray.is_initialized():
@@ -102,6 +106,10 @@ def connect_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, **quiet)
     else:
+        # A local Ray runs many short training stages: Ray Train's controller polls its workers every 2 s by
+        # default, and each stage waits several polls (start, every report, finish). Poll faster locally;
+        # the environment still decides (a cluster's raylets carry their own environment).
+        os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False, **quiet)
 
 

@@ -13,6 +13,12 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
+from pipelines.runner import LOCAL_RAY_TRAIN_POLL_S, RAY_TRAIN_POLL_ENV
+
+# Every Ray the tests start (in-process, `ray start`, a CLI subprocess) polls Ray Train workers as the
+# runner's local Ray does, not every 2 s: the tests run dozens of short training stages.
+os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread() -> Iterator[None]:
