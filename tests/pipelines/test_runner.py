@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -56,16 +57,32 @@ def checkpoint_dirs(cfg: PipelineConfig) -> list[Path]:
     return sorted(Path(cfg.work_dir, "ray-train").glob("*/checkpoint_*"))
 
 
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def first_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """Pretrain + 2 tasks x 2 methods; the 4 finetune nodes ask for 1 CPU and 0.25 GPU each (none here)."""
     tmp = tmp_path_factory.mktemp("demo")
-    cfg = load_config(write_config(tmp, "e2e", methods=("linear", "lora"), pretrain=True))
-    out = io.StringIO()
-    return cfg, run(cfg, out), out.getvalue()
+    cfg = load_config(write_config(tmp, "e2e", methods=("linear", "lora"), pretrain=True),
+                      ("stages.finetune.resources.gpus_per_worker=0.25",))
+    out, warnings = io.StringIO(), _Warnings()
+    logging.getLogger("vitpipe").addHandler(warnings)
+    try:
+        summary = run(cfg, out)
+    finally:
+        logging.getLogger("vitpipe").removeHandler(warnings)
+    return cfg, summary, out.getvalue(), warnings.messages
 
 
 def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
-    cfg, summary, console = first_run
+    cfg, summary, console, _ = first_run
     assert summary.ok, console
     assert statuses(summary) == {
         "data/faces": "ran", "data/textures": "ran", "data/corpus": "ran", "pretrain": "ran",
@@ -103,8 +120,27 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
             assert set(manifest.files) == {"delta.safetensors", "history.json"}
 
 
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of [start, end] intervals that contain one moment."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_gpu_requests_fall_back_to_cpu_and_four_one_cpu_nodes_share_two_cpus(first_run) -> None:
+    _, summary, _, warnings = first_run
+    assert len(warnings) == 1 and "no GPUs: 4 node(s)" in warnings[0], warnings
+    finetunes = [o.manifest for o in summary.outcomes if o.node.kind == "finetune"]
+    assert len(finetunes) == 4 and all(o.status == "ran" for o in summary.outcomes)
+    spans = [(m.timings["started_at"], m.timings["finished_at"]) for m in finetunes]
+    assert max_overlap(spans) == 2, spans  # 2 CPUs (Ray's local test instance): two at a time, never more
+
+
 def test_rerun_trains_nothing(first_run) -> None:
-    cfg, _, _ = first_run
+    cfg, _, _, _ = first_run
     before = checkpoint_dirs(cfg)
     out = io.StringIO()
     again = run(cfg, out)
@@ -115,7 +151,7 @@ def test_rerun_trains_nothing(first_run) -> None:
 
 
 def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
-    cfg, summary, _ = first_run
+    cfg, summary, _, _ = first_run
     store = open_store(cfg.store_uri)
     key = next(k for n, k, _ in plan(cfg) if n.name == "finetune/faces/linear")
     weights = Path(store.local_path(f"{stage_prefix('finetune', key)}/delta.safetensors"))
@@ -136,7 +172,7 @@ def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
 
 def test_driver_killed_mid_run_resumes_only_unfinished_nodes(ray_local: str, tmp_path: Path) -> None:
     # Each finetune node takes both CPUs, so they run one after another; kill after the first commits.
-    path = write_config(tmp_path, "killed", steps=40, cpus_per_worker=2)
+    path = write_config(tmp_path, "killed", steps=16, cpus_per_worker=2)
     cfg = load_config(path)
     store = open_store(cfg.store_uri)
     env = {**os.environ, "RAY_ADDRESS": ray_local}
