@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitpipe-installed
 CONFIG ?= pipelines/configs/demo.yaml
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds a CPU op on first use; keep it with this checkout's venv (a cache shared by several
+# checkouts' venvs is rebuilt each time another venv uses it).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 
 .PHONY: run test lint bench clean
 
