@@ -59,7 +59,7 @@ def _stop_ray_started_in(temp_dir: str) -> None:
             proc.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(ours, timeout=15)
+    _, alive = psutil.wait_procs(ours, timeout=5)
     for proc in alive:
         try:
             proc.kill()

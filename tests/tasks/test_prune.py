@@ -60,7 +60,7 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def finetune_config(method: str, **params) -> FinetuneConfig:
-    train = {"steps": 40, "batch_size": 32, "lr": 2e-3, "warmup_steps": 4, "checkpoint_every": 40, "log_every": 20,
+    train = {"steps": 24, "batch_size": 32, "lr": 2e-3, "warmup_steps": 4, "checkpoint_every": 24, "log_every": 12,
              "max_failures": 0}
     return FinetuneConfig(task="digits", method=FinetuneMethod(name=method, **params), backbone=BACKBONE,
                           train=train, resources=ONE_WORKER)
