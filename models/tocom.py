@@ -44,6 +44,18 @@ class CompensatorBlock(nn.Module):
         delta_v = self.b_v(self.dropout(self.a_v(x)) * mask)
         return delta_q, delta_v
 
+    def add_delta_(self, qkv: torch.Tensor, x: torch.Tensor, lo: int, hi: int, alpha: float) -> None:
+        """qkv's q and v thirds += alpha * (Delta_q, Delta_v) in place, computed from hidden channels lo:hi only
+        (where a Delta mask is non-zero, all of one sign, folded into alpha), each add fused into its matmul.
+
+        qkv: (B, N, 3C) contiguous attn.qkv output; x: (B, N, C) its input. Equals forward() with that mask.
+        """
+        c = x.shape[-1]
+        x2, out = x.reshape(-1, c), qkv.view(-1, 3 * c)
+        for a, b, cols in ((self.a_q, self.b_q, slice(0, c)), (self.a_v, self.b_v, slice(2 * c, 3 * c))):
+            hidden = self.dropout(F.linear(x2, a.weight[lo:hi]))
+            out[:, cols].addmm_(hidden, b.weight[:, lo:hi].t(), alpha=alpha)
+
     def weight_deltas(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The dropout-free update as (C, C) matrices: B diag(mask) A, for q and for v."""
         return self.b_q.weight * mask @ self.a_q.weight, self.b_v.weight * mask @ self.a_v.weight
@@ -102,28 +114,24 @@ class ToComPlug:
     scale: float
     enabled: bool = True
     handles: list[RemovableHandle] = field(default_factory=list, repr=False)
-    _mask: tuple[tuple, torch.Tensor] | None = field(default=None, repr=False)
-
-    def delta_mask(self, like: torch.Tensor) -> torch.Tensor:
-        """Delta(source_r -> target_r)'s mask in like's dtype and device, built once per degree pair."""
-        key = (self.source_r, self.target_r, like.dtype, like.device)
-        if self._mask is None or self._mask[0] != key:
-            self._mask = key, self.tocom.delta_mask(self.source_r, self.target_r).to(like.device, like.dtype)
-        return self._mask[1]
 
 
 def _qkv_hook(plug: ToComPlug, block: int):
     """Forward hook on attn.qkv: its input is the LN1 output; s Dq and s Dv are added in place to the q and v
-    thirds of its output (the Linear's backward does not need its output, so autograd allows it)."""
+    thirds of its output (the Linear's backward does not need its output, so autograd allows it).
+
+    Delta(m -> n)'s mask is +1 on the hidden channels of degrees m+1..n (n > m) or -1 on n+1..m (n < m) and 0
+    elsewhere, so only that channel range is computed, with the sign in the scale.
+    """
 
     def hook(module: nn.Linear, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor | None:
-        if not plug.enabled:
+        m, n = plug.source_r, plug.target_r
+        if not plug.enabled or m == n:
             return None
-        x = inputs[0]
-        delta_q, delta_v = plug.tocom.blocks[block](x, plug.delta_mask(x))
-        width = delta_q.shape[-1]
-        output[..., :width].add_(delta_q, alpha=plug.scale)
-        output[..., 2 * width :].add_(delta_v, alpha=plug.scale)
+        if not (0 <= m <= plug.tocom.max_r and 0 <= n <= plug.tocom.max_r):
+            raise ValueError(f"ToCom degrees {m} -> {n} outside 0..{plug.tocom.max_r}")
+        rho, sign = plug.tocom.rho, 1.0 if n > m else -1.0
+        plug.tocom.blocks[block].add_delta_(output, inputs[0], min(m, n) * rho, max(m, n) * rho, sign * plug.scale)
         return output
 
     return hook
