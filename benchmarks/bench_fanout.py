@@ -28,7 +28,8 @@ import yaml
 from cluster.train import param_groups
 from pipelines.runner import run
 from pipelines.spec import load_config
-from tasks.finetune import FinetuneConfig, _split, accuracy, build_model, classification_loss, flip
+from tasks.classification import accuracy, cached_split, classification_loss, flip
+from tasks.finetune import FinetuneNode, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("linear", "bitfit", "lora", "adaptformer", "fact_tt", "fact_tk", "vpt", "full")
@@ -51,7 +52,7 @@ def pipeline_config(work: Path, task: str, k: int, steps: int, gpu_fraction: flo
     return path
 
 
-def through_runner(path: Path) -> tuple[float, list[float], list[float], list[FinetuneConfig], dict]:
+def through_runner(path: Path) -> tuple[float, list[float], list[float], list[FinetuneNode], dict]:
     """Wall time of the run; per finetune node: runner-side seconds and in-stage seconds."""
     cfg = load_config(path)
     started = time.perf_counter()
@@ -62,17 +63,17 @@ def through_runner(path: Path) -> tuple[float, list[float], list[float], list[Fi
     assert all(o.status == "ran" for o in nodes)
     data = next(o for o in summary.outcomes if o.node.kind == "data").manifest.outputs
     return (wall, [o.seconds for o in nodes], [o.manifest.timings["seconds"] for o in nodes],
-            [o.node.config() for o in nodes], data)
+            [o.node.cfg for o in nodes], data)
 
 
-def sequential(configs: list[FinetuneConfig], data: dict, device: torch.device) -> float:
+def sequential(configs: list[FinetuneNode], data: dict, device: torch.device) -> float:
     """The same trainings (model, method, steps, batch, augmentation, AdamW) one after another, plus
     each model's test accuracy, in this process with a plain PyTorch loop."""
     started = time.perf_counter()
     for cfg in configs:
-        model = build_model(cfg, len(data["classes"]), None).to(device)
+        model = build_model(cfg, len(data["classes"]), None, 0).to(device)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.method.lr or cfg.train.lr)
-        x, y = _split(data["uri"], "train", cfg.backbone.img_size)
+        x, y = cached_split(data["uri"], "train", cfg.backbone.img_size)
         gen = torch.Generator().manual_seed(0)
         for _ in range(cfg.train.steps):
             idx = torch.randint(0, len(x), (BATCH,), generator=gen)

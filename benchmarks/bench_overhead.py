@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from cluster.train import param_groups
 from pipelines.runner import run
 from pipelines.spec import load_config
-from tasks.finetune import FinetuneConfig, _split, build_model, classification_loss, flip
+from tasks.classification import cached_split, classification_loss, flip
+from tasks.finetune import FinetuneNode, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,12 @@ def stage_throughput(tracking: str, run_id: str, kind: str = "finetune") -> floa
     return sum(values) / len(values)
 
 
-def bare_throughput(cfg: FinetuneConfig, uri: str, num_classes: int, steps: int, batch: int) -> float:
+def bare_throughput(cfg: FinetuneNode, uri: str, num_classes: int, steps: int, batch: int) -> float:
     """The same model, loss, optimizer, batch and augmentation in a plain PyTorch loop."""
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes, None)
+    model = build_model(cfg, num_classes, None, 0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    x, y = _split(uri, "train", cfg.backbone.img_size)
+    x, y = cached_split(uri, "train", cfg.backbone.img_size)
     gen = torch.Generator().manual_seed(0)
     warmup, started = 10, 0.0
     for step in range(steps):
@@ -96,7 +97,7 @@ def main() -> None:
         stage = stage_throughput(cfg.tracking, first.run_id)
         node = next(o for o in first.outcomes if o.node.kind == "finetune")
         data = next(o for o in first.outcomes if o.node.kind == "data").manifest.outputs
-        bare = bare_throughput(node.node.config(), data["uri"], len(data["classes"]), args.steps, 64)
+        bare = bare_throughput(node.node.cfg, data["uri"], len(data["classes"]), args.steps, 64)
 
     lines = [
         f"finetune stage: {stage:.0f} img/s, bare PyTorch loop: {bare:.0f} img/s -> ratio {stage / bare:.3f} "

@@ -35,9 +35,9 @@ from models.pretrain_objectives import PretrainObjectiveConfig
 from models.vit import ViTSpec
 from pipelines.runner import run
 from pipelines.spec import load_config
+from tasks.classification import cached_split
 from tasks.data import prepare
-from tasks.finetune import _split
-from tasks.pretrain import PretrainConfig, PretrainModel, linear_probe, two_views
+from tasks.pretrain import PretrainModel, PretrainNode, linear_probe, two_views
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = {"arch": "vitpipe_tiny_patch4_32", "img_size": 32}
@@ -69,14 +69,14 @@ def bare_pretrain(objective: dict, corpus: str, steps: int | None, seconds: floa
                   warmup: int = 10) -> tuple[PretrainModel, int, float]:
     """The stage's model, loss, AdamW + warm-up/cosine and augmentations in a plain loop, run for `steps`
     or until `seconds` have passed. Returns the model, the steps taken and images/s after `warmup` steps."""
-    cfg = PretrainConfig(backbone=ViTSpec(**BACKBONE), objective=PretrainObjectiveConfig(**objective),
+    cfg = PretrainNode(backbone=ViTSpec(**BACKBONE), objective=PretrainObjectiveConfig(**objective),
                          train={**TRAIN, "steps": steps or 10**6})
     torch.manual_seed(0)
     model = PretrainModel(cfg.backbone, cfg.objective).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=cfg.train.betas)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train))
-    x, y = _split(corpus, "train", cfg.backbone.img_size)
+    x, y = cached_split(corpus, "train", cfg.backbone.img_size)
     contrastive = "infocl" in objective["weights"]
     gen = torch.Generator().manual_seed(0)
     batch, step, timed_from = cfg.train.batch_size, 0, 0.0

@@ -28,9 +28,9 @@ from models.prune import PRUNERS, PruneSettings, count_flops, count_params, merg
 from models.tocom import TokenCompensator
 from models.tome import apply_tome
 from models.vit import build_vit
+from tasks.classification import accuracy, cached_split, classification_loss, flip
 from tasks.distill import SelfDistillation, distill_loss, sample_pair
-from tasks.finetune import _split, accuracy, classification_loss, flip
-from tasks.prepare import PrepareConfig
+from tasks.prepare import DataNode
 from tasks.prepare import run as prepare_data
 from tasks.prune import cpu_speed
 
@@ -74,7 +74,7 @@ def digits_uri(work: Path) -> str:
     store = LocalStore(str(work / "store"))
     writer = StageWriter(store, "data", "digits")
     ctx = StageContext("data", "data", "digits", 0, store, writer, None, None, str(work / "ray"))
-    return prepare_data(ctx, PrepareConfig(source="digits"), {}).outputs["uri"]
+    return prepare_data(ctx, DataNode(source="digits"), {}).outputs["uri"]
 
 
 def distill_tocom(model: nn.Module, images: torch.Tensor, max_r: int, steps: int) -> TokenCompensator:
@@ -102,7 +102,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = digits_uri(Path(tmp))
-        x, y = _split(uri, "train", 32)
+        x, y = cached_split(uri, "train", 32)
         torch.manual_seed(0)
         base = build_vit("vitpipe_tiny_patch4_32", num_classes=10)
         train(base, list(base.parameters()), classification_loss, labelled(x, y), args.train_steps, 1e-3, 0)

@@ -1,4 +1,4 @@
-"""The `vitpipe` command line: data prepare, plan, run, submit/status/logs (Ray Jobs), audit."""
+"""The `vitpipe` command line: data prepare, plan, run, submit/status/logs (Ray Jobs), audit, weights inspect."""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     table = sub.add_parser("peft-table", help="trainable parameters and stored delta size of every PEFT method")
     table.add_argument("--arch", default="vit_base_patch16_224", help="timm ViT name (architecture only)")
     table.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    weights = sub.add_parser("weights", help="pretrained backbone weights")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True)
+    inspect = weights_sub.add_parser("inspect", help="how a checkpoint's keys fit a ViT, and its sha256")
+    inspect.add_argument("source", help="a .safetensors/.pth path, s3://bucket/key, or timm:ARCH.TAG")
+    inspect.add_argument("--arch", required=True, help="timm ViT name of the backbone to fit")
+    inspect.add_argument("--img-size", type=int, help="input size of the backbone (default: the arch's)")
 
     data = sub.add_parser("data", help="dataset commands")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -198,6 +205,30 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    """Counts of matched/missing/unexpected/... keys and the sha256; exit 1 when the weights do not fit."""
+    import timm
+
+    from cluster.weights import read_weights_source
+    from models.vit import build_vit
+    from models.weights import WeightsError, adapt_state_dict
+
+    if not timm.is_model(args.arch):
+        raise WeightsError(f"--arch {args.arch}: not a timm model name")
+    try:
+        model = build_vit(args.arch, img_size=args.img_size)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"--arch {args.arch}: {e}") from e
+    state, sha = read_weights_source(args.source)
+    _, report = adapt_state_dict(state, model)
+    print(f"{args.source} -> {args.arch}: {report.summary()}")
+    for kind in ("missing", "unexpected", "mismatched", "dropped", "resampled", "renamed"):
+        for key in getattr(report, kind):
+            print(f"  {kind:<10} {key}")
+    print(f"sha256 {sha}")
+    return 0 if report.ok else 1
+
+
 def cmd_peft_table(args: argparse.Namespace) -> int:
     import json
 
@@ -217,7 +248,7 @@ def cmd_peft_table(args: argparse.Namespace) -> int:
 # Errors that mean bad input or an unreachable service: one line on stderr and exit code 2, no traceback.
 DOMAIN_ERRORS = (("cluster.store", "StoreError"), ("cluster.submit", "SubmitError"),
                  ("cluster.tracking", "TrackingError"), ("pipelines.audit", "AuditError"),
-                 ("pipelines.spec", "ConfigError"), ("tasks.data", "DataError"))
+                 ("pipelines.spec", "ConfigError"), ("tasks.data", "DataError"), ("models.weights", "WeightsError"))
 
 
 def _is_domain_error(err: Exception) -> bool:
@@ -233,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     handlers = {"plan": cmd_plan, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs,
-                "audit": cmd_audit, "data": cmd_data, "peft-table": cmd_peft_table}
+                "audit": cmd_audit, "data": cmd_data, "peft-table": cmd_peft_table,
+                "weights": cmd_weights}
     try:
         return handlers[args.command](args)
     except Exception as err:

@@ -58,7 +58,7 @@ def _print_prune(outcomes: list[Any], out: TextIO) -> None:
     rows = []
     for p in pruned:
         b, a = p["before"], p["after"]
-        rows.append([p["task"], p["method"], p["pruner"], f"{p['keep_ratio']:g}", f"{p['r_src']}->{p['tome_r']}",
+        rows.append([p["task"], p["method"], p["pruner"], f"{p['keep_ratio']:g}", f"{p['r_src']}->{p['r_tgt']}",
                      f"{b['test_accuracy']:.3f}->{a['test_accuracy']:.3f}", f"{b['params'] / 1e6:.3f}M->"
                      f"{a['params'] / 1e6:.3f}M", f"{b['flops'] / 1e9:.3f}->{a['flops'] / 1e9:.3f}",
                      f"{b['latency_ms_b1']:.2f}->{a['latency_ms_b1']:.2f}",

@@ -14,12 +14,13 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import ray
 
+from cluster.checkpoints import discard_train_run
 from cluster.context import StageContext
 from cluster.lease import claim_stage
 from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
@@ -83,11 +84,12 @@ def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream
         writer = StageWriter(store, node.kind, key)
         ctx = StageContext(node.name, node.kind, key, env.seed, store, writer, env.tracker, env.run_id,
                            env.train_storage, env.board)
-        result = STAGES[node.kind].run(ctx, node.config(), dict(zip(roles, upstream, strict=True)))
+        result = STAGES[node.kind].run(ctx, node.cfg, dict(zip(roles, upstream, strict=True)))
         claim.check_held()
         manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
                                  timings={"seconds": time.perf_counter() - started, "started_at": started_at,
                                           "finished_at": time.time()})
+        discard_train_run(env.train_storage, key, env.retry)  # a re-run of a deleted manifest starts over
     env.tracker.log_metrics(env.run_id, result.metrics)
     env.tracker.log_bytes(env.run_id, "manifest.json", canonical_json(manifest.model_dump(mode="json")))
     return manifest
@@ -176,7 +178,7 @@ class _Run:
         cached = load_manifest(self.store, node.kind, key)
         run_id = self.tracker.start_run(node.name, self.lineage_tags(node, cached is not None), self.parent)
         self.child[node.name] = run_id
-        self.tracker.log_params(run_id, flatten(node.cfg))
+        self.tracker.log_params(run_id, flatten(node.cfg.model_dump(mode="json", by_alias=True)))
         if cached is None:
             self.waiting.append(node)
             return
@@ -280,14 +282,14 @@ class _Run:
 
         Resources are not part of a stage key, so the CPU run fills the same cache entry.
         """
-        asking = [n for n in nodes if (n.cfg.get("resources") or {}).get("gpus_per_worker", 0) > 0]
+        asking = [n for n in nodes if n.resources is not None and n.resources.gpus_per_worker > 0]
         if not asking or self.capacity.get("GPU", 0) > 0 or not self.cfg.ray.gpu_fallback:
             return nodes
         log.warning("the Ray cluster has no GPUs: %d node(s) that ask for GPUs run on CPU "
                     "(gpus_per_worker -> 0; set ray.gpu_fallback: false to wait for GPU nodes instead)",
                     len(asking))
-        return [replace(n, cfg={**n.cfg, "resources": {**n.cfg["resources"], "gpus_per_worker": 0.0}})
-                if n in asking else n for n in nodes]
+        return [n.with_resources(n.resources.model_copy(update={"gpus_per_worker": 0.0})) if n in asking else n
+                for n in nodes]
 
     def execute(self) -> RunSummary:
         self.start_parent()

@@ -6,117 +6,32 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from cluster.retry import RetryPolicy
 from cluster.submit import SubmitConfig
-from cluster.train import Resources, TrainConfig
-from models.pretrain_objectives import PretrainObjectiveConfig
 from models.vit import ViTSpec
-from tasks.data import DataError, resolve_source
+from tasks.config import Frozen
 from tasks.distill import DistillConfig
-from tasks.finetune import FinetuneMethod
+from tasks.evaluate import EvaluateConfig
+from tasks.finetune import FinetuneConfig
+from tasks.prepare import DatasetSpec
 from tasks.pretrain import PretrainConfig
-from tasks.prune import PruneConfig, PrunerName, PruneTrain
+from tasks.prune import PruneConfig
 
 
 class ConfigError(Exception):
     """A pipeline configuration problem; the message names the file and the config path."""
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DatasetSpec(Frozen):
-    """Where a dataset comes from: a bundled source name, `imagefolder:PATH` or `vtab1k:PATH`."""
-
-    source: str
-    group: str | None = None
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, source: str) -> str:
-        try:
-            resolve_source(source)
-        except DataError as err:
-            raise ValueError(str(err)) from None
-        return source
-
-
-class FinetuneStage(Frozen):
-    methods: tuple[FinetuneMethod, ...] = (FinetuneMethod(name="linear"),)
-    train: TrainConfig = TrainConfig()
-    resources: Resources = Resources()
-    tome_r: int = Field(0, ge=0, description="ToMe degree the task models train at (r_src)")
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _names_to_specs(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            return [{"name": m} if isinstance(m, str) else m for m in value]
-        return value
-
-
-class PretrainStage(Frozen):
-    objective: PretrainObjectiveConfig = PretrainObjectiveConfig()
-    train: TrainConfig = PretrainConfig.model_fields["train"].default
-    resources: Resources = Resources()
-    probe: bool = Field(True, description="linear-probe every downstream task at the end of pretraining")
-
-
-class DistillStage(Frozen):
-    """ToCom self-distillation on the corpus; the fields of tasks.distill.DistillConfig minus the backbone."""
-
-    max_r: int = Field(16, ge=1)
-    rho: int = Field(2, ge=1)
-    tau: float = Field(1.0, gt=0)
-    scale: float = Field(0.1, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    train: TrainConfig = DistillConfig.model_fields["train"].default
-    resources: Resources = Resources()
-    heldout: int = Field(256, gt=0)
-
-
-class EvaluateStage(Frozen):
-    """Per fine-tuned model: test accuracy at each deployment ToMe degree, with and without ToCom."""
-
-    r_targets: tuple[int, ...] = (0, 2, 4, 8)
-    scales: tuple[float, ...] = (0.05, 0.08, 0.1, 0.12, 0.15)
-
-
-class PruneStage(Frozen):
-    """Per fine-tuned model: structured pruning, then ToMe at tome_r with ToCom merged, export, registry."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-    method: PrunerName = "resrep"
-    keep_ratio: float = 0.5
-    head_keep_ratio: float | None = None
-    lam: float = Field(1e-4, gt=0, alias="lambda")
-    centripetal: float = Field(3e-3, ge=0)
-    tome_r: int = Field(0, ge=0, description="ToMe degree of the deployed model")
-    tocom_scales: tuple[float, ...] = PruneConfig.model_fields["tocom_scales"].default
-    finetune_methods: tuple[str, ...] | None = Field(None, description="fine-tuned models to prune; None: all")
-    train: PruneTrain = PruneConfig.model_fields["train"].default
-    resources: Resources = Resources()
-    latency_repeats: int = Field(20, gt=0)
-
-    @field_validator("keep_ratio", "head_keep_ratio")
-    @classmethod
-    def _ratio(cls, value: float | None) -> float | None:
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"keep ratio must satisfy 0 < k <= 1 (the fraction of units kept), got {value}")
-        return value
-
-
-
 class Stages(Frozen):
-    pretrain: PretrainStage | None = None
-    distill: DistillStage | None = None
-    finetune: FinetuneStage = FinetuneStage()
-    evaluate: EvaluateStage | None = None
-    prune: PruneStage | None = None
+    """`stages:`: each section is its stage module's own config model (defaults = the papers' values)."""
+
+    pretrain: PretrainConfig | None = None
+    distill: DistillConfig | None = None
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig | None = None
+    prune: PruneConfig | None = None
 
 
 class RayConfig(Frozen):
@@ -150,11 +65,11 @@ class PipelineConfig(Frozen):
             raise ValueError("stages.pretrain and stages.distill need a `corpus:` dataset")
         if self.stages.evaluate is not None and self.stages.distill is None:
             raise ValueError("stages.evaluate compares with and without ToCom: it needs stages.distill")
-        if self.stages.prune is not None and self.stages.prune.finetune_methods is not None:
+        if self.stages.prune is not None and self.stages.prune.peft_methods is not None:
             known = [m.name for m in self.stages.finetune.methods]
-            for i, name in enumerate(self.stages.prune.finetune_methods):
+            for i, name in enumerate(self.stages.prune.peft_methods):
                 if name not in known:
-                    raise ValueError(f"stages.prune.finetune_methods[{i}]: {name!r} is not a stages.finetune method "
+                    raise ValueError(f"stages.prune.peft_methods[{i}]: {name!r} is not a stages.finetune method "
                                      f"({', '.join(known)})")
         return self
 

@@ -13,45 +13,41 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
-from cluster.train import DataContext, Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.train import DataContext, Recipe, Resources, TensorBatches, TrainJob, fit
 from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
 from models.tome import apply_tome, set_tome_r
 from models.vit import ViTSpec
-from tasks.finetune import _split, normalize
+from tasks.classification import cached_split, normalize
+from tasks.config import Frozen, paper_train
 
-# Paper optimisation defaults (METHODS.md 4); a YAML `train:` mapping only overrides what it names.
-TRAIN_DEFAULTS = {"lr": 2e-3, "weight_decay": 0.05}
 MAX_PAIRS = 64  # held-out KL: all pairs m != n up to this many, else a fixed seeded sample
 
 
-class DistillConfig(BaseModel):
-    """The validated config of the distill node."""
+class DistillConfig(Frozen):
+    """`stages.distill`: ToCom self-distillation on the corpus (METHODS.md 4; optimisation = the paper's)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    backbone: ViTSpec
     max_r: int = Field(16, ge=1, description="R, the largest ToMe degree ToCom covers")
     rho: int = Field(2, ge=1, description="hidden channels per degree step")
     tau: float = Field(1.0, gt=0)
     scale: float = Field(0.1, gt=0, description="s in q += s * Delta_q(x)")
     dropout: float = Field(0.1, ge=0, lt=1)
-    train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
+    train: paper_train(lr=2e-3, weight_decay=0.05)
     resources: Resources = Resources()
     heldout: int = Field(256, gt=0, description="corpus images held out for the KL report")
 
-    @field_validator("train", mode="before")
-    @classmethod
-    def _paper_defaults(cls, value: Any) -> Any:
-        return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
+
+class DistillNode(DistillConfig):
+    """The distill node: the stage config on the pipeline's backbone."""
+
+    backbone: ViTSpec
 
 
 def effective_max_r(backbone: VisionTransformer, max_r: int) -> int:
@@ -101,7 +97,7 @@ class SelfDistillation(nn.Module):
         return teacher, self.features(x, n, (m, n))
 
 
-def build_self_distillation(cfg: DistillConfig, max_r: int, encoder: dict[str, torch.Tensor] | None,
+def build_self_distillation(cfg: DistillNode, max_r: int, encoder: dict[str, torch.Tensor] | None,
                             seed: int) -> SelfDistillation:
     """The model every Ray Train worker builds: same seed, same backbone, same initial ToCom."""
     backbone = build_backbone(cfg.backbone, encoder, seed)
@@ -142,7 +138,7 @@ def degree_pairs(max_r: int, limit: int = MAX_PAIRS) -> list[tuple[int, int]]:
 
 def corpus(uri: str, size: int, heldout: int, part: str) -> tuple[torch.Tensor]:
     """The corpus "train" split as (images (N, 3, S, S) uint8,): the last `heldout` rows are held out."""
-    x, _ = _split(uri, "train", size)
+    x, _ = cached_split(uri, "train", size)
     if heldout >= len(x):
         raise ValueError(f"dataset {uri}: heldout={heldout} leaves no training images of {len(x)}")
     return (x[:-heldout],) if part == "train" else (x[-heldout:],)
@@ -167,7 +163,7 @@ def heldout_kl(model: SelfDistillation, x: torch.Tensor, pairs: list[tuple[int, 
     return {**total, "heldout_kl_ratio": total["heldout_kl_with"] / max(total["heldout_kl_without"], 1e-12)}
 
 
-def evaluate_distillation(cfg: DistillConfig, encoder: dict[str, torch.Tensor] | None, seed: int, uri: str,
+def evaluate_distillation(cfg: DistillNode, encoder: dict[str, torch.Tensor] | None, seed: int, uri: str,
                           pairs: list[tuple[int, int]], model: SelfDistillation) -> dict[str, float]:
     """Rank 0, at each checkpoint: held-out KL, and whether the backbone still equals its initial weights."""
     reference = build_backbone(cfg.backbone, encoder, seed).state_dict()
@@ -178,7 +174,7 @@ def evaluate_distillation(cfg: DistillConfig, encoder: dict[str, torch.Tensor] |
     return {"backbone_unchanged": float(unchanged), **heldout_kl(model, x, pairs, cfg.tau)}
 
 
-def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Manifest]) -> StageResult:
+def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> StageResult:
     uri, size = inputs["corpus"].outputs["uri"], cfg.backbone.img_size
     encoder = None
     if "backbone" in inputs:

@@ -12,24 +12,29 @@ from typing import Annotated, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
-from models.tocom import ToComPlug, load_tocom, plug, unplug
+from models.tocom import TOCOM_SCALES, ToComPlug, load_tocom, plug, unplug
 from models.tome import apply_tome, set_tome_r
-from tasks.finetune import FinetuneConfig, accuracy, load_task_model
+from tasks.classification import accuracy
+from tasks.config import Frozen
+from tasks.finetune import FinetuneNode, load_task_model
 
 
-class EvaluateConfig(BaseModel):
-    """The validated config of one evaluate node: the finetune node it evaluates, and the sweep."""
+class EvaluateConfig(Frozen):
+    """`stages.evaluate`: the deployment ToMe degrees r_tgt, and the ToCom scales s searched on val."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    finetune: FinetuneConfig
     r_targets: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 2, 4, 8), min_length=1)
-    scales: tuple[Annotated[float, Field(gt=0)], ...] = Field((0.05, 0.08, 0.1, 0.12, 0.15), min_length=1)
+    tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field(TOCOM_SCALES, min_length=1)
+
+
+class EvaluateNode(EvaluateConfig):
+    """One evaluate node: the sweep, for the task model of one finetune node."""
+
+    model: FinetuneNode
 
 
 def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: int, r_src: int, r_tgt: int,
@@ -85,17 +90,17 @@ def _check_backbones(ctx: StageContext, inputs: dict[str, Manifest]) -> None:
                         ctx.node)
 
 
-def run(ctx: StageContext, cfg: EvaluateConfig, inputs: dict[str, Manifest]) -> StageResult:
+def run(ctx: StageContext, cfg: EvaluateNode, inputs: dict[str, Manifest]) -> StageResult:
     """inputs: "model" (finetune), "data", "tocom" (distill), optional "backbone" (the pretrained encoder)."""
     _check_backbones(ctx, inputs)
-    r_src, uri, size = cfg.finetune.tome_r, inputs["data"].outputs["uri"], cfg.finetune.backbone.img_size
-    model = apply_tome(load_task_model(ctx.store, cfg.finetune, inputs), r_src)
+    r_src, uri, size = cfg.model.r_src, inputs["data"].outputs["uri"], cfg.model.backbone.img_size
+    model = apply_tome(load_task_model(ctx.store, cfg.model, inputs, ctx.seed), r_src)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
     state = plug(model, tocom, 0, 0)
-    rows = [evaluate_degree(model, state, uri, size, r_src, r_tgt, cfg.scales) for r_tgt in cfg.r_targets]
+    rows = [evaluate_degree(model, state, uri, size, r_src, r_tgt, cfg.tocom_scales) for r_tgt in cfg.r_targets]
     unplug(model)
 
-    task, method = cfg.finetune.task, cfg.finetune.method.name
+    task, method = cfg.model.task, cfg.model.method.name
     outputs = {"task": task, "method": method, "r_src": r_src, "rows": rows}
     ctx.writer.put_json("eval.json", outputs)
     png = plot_accuracy(rows, r_src, f"{task} / {method}: fine-tuned at r = {r_src}")

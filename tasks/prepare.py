@@ -6,20 +6,43 @@ import os
 import tempfile
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field, field_validator
 
 from cluster.context import StageContext, StageResult
-from tasks.data import prepare
+from tasks.config import Frozen
+from tasks.data import DataError, prepare, resolve_source, source_digest
 
 
-class PrepareConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class DatasetSpec(Frozen):
+    """A `tasks:` or `corpus:` entry: a bundled source name, `imagefolder:PATH` or `vtab1k:PATH` (PATH local
+    or s3://), and an optional task group for the summary's group means."""
 
     source: str
-    rows_per_shard: int = 2048
+    group: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        try:
+            resolve_source(source)
+        except DataError as err:
+            raise ValueError(str(err)) from None
+        return source
 
 
-def run(ctx: StageContext, cfg: PrepareConfig, inputs: dict[str, Any]) -> StageResult:
+class DataNode(Frozen):
+    """One data node: the source and, for a user folder, the digest of its listing (part of the key)."""
+
+    source: str
+    digest: str | None = Field(None, description="tasks.data.source_digest of the source when planned")
+    rows_per_shard: int = Field(2048, gt=0)
+
+    @classmethod
+    def of(cls, spec: DatasetSpec) -> DataNode:
+        return cls(source=spec.source, digest=source_digest(spec.source))
+
+
+def run(ctx: StageContext, cfg: DataNode, inputs: dict[str, Any]) -> StageResult:
     """Shards are written locally first, then committed file by file (checksummed) to the store."""
     with tempfile.TemporaryDirectory() as tmp:
         info = prepare(cfg.source, tmp, seed=ctx.seed, rows_per_shard=cfg.rows_per_shard)

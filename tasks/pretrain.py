@@ -12,34 +12,39 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, TrainJob, fit
 from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
 from models.vit import ViTSpec
 from tasks.augment import contrastive_view, mim_view
+from tasks.classification import cached_split, normalize
+from tasks.config import Frozen, paper_train
 from tasks.data import ray_dataset
-from tasks.finetune import _split, normalize
 
 PROBE_PREFIX = "probe:"
 
 
-class PretrainConfig(BaseModel):
-    """The validated config of the pretrain node."""
+class PretrainConfig(Frozen):
+    """`stages.pretrain`: the objective, its optimisation (defaults = MAE/LocalMIM's) and the end-of-stage probe."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    backbone: ViTSpec
     objective: PretrainObjectiveConfig = PretrainObjectiveConfig()
-    train: TrainConfig = TrainConfig(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    train: paper_train(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     resources: Resources = Resources()
-    probe_tasks: tuple[str, ...] = Field((), description="downstream tasks for the end-of-stage linear probe")
+    probe: bool = Field(True, description="linear-probe every downstream task at the end of pretraining")
     loader: Literal["ray_data", "memory"] = Field(
         "ray_data", description="ray_data: stream the corpus shards through Ray Data into each worker (any size); "
         "memory: decode it into every worker (small corpora; the same sample order for any worker count)")
+
+
+class PretrainNode(PretrainConfig):
+    """The pretrain node: the stage config on the pipeline's backbone, probing these tasks."""
+
+    backbone: ViTSpec
+    probe_tasks: tuple[str, ...] = Field((), description="downstream tasks for the end-of-stage linear probe")
 
 
 class PretrainModel(nn.Module):
@@ -82,14 +87,14 @@ def linear_probe(vit: nn.Module, uri: str, size: int) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    x_train, y_train = _split(uri, "train", size)
-    x_test, y_test = _split(uri, "test", size)
+    x_train, y_train = cached_split(uri, "train", size)
+    x_test, y_test = cached_split(uri, "test", size)
     scaler = StandardScaler().fit(features(vit, x_train).numpy())
     probe = LogisticRegression(max_iter=2000).fit(scaler.transform(features(vit, x_train).numpy()), y_train.numpy())
     return float(probe.score(scaler.transform(features(vit, x_test).numpy()), y_test.numpy()))
 
 
-def run(ctx: StageContext, cfg: PretrainConfig, inputs: dict[str, Manifest]) -> StageResult:
+def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> StageResult:
     corpus = inputs["corpus"].outputs["uri"]
     size = cfg.backbone.img_size
     contrastive = cfg.objective.weights.get("infocl", 0) > 0
@@ -98,7 +103,7 @@ def run(ctx: StageContext, cfg: PretrainConfig, inputs: dict[str, Manifest]) -> 
         data = StreamedBatches("train", ("image", "label"), views)
         datasets = {"train": ray_dataset(corpus, size, "train")}
     else:
-        data, datasets = TensorBatches(functools.partial(_split, corpus, "train", size), views), {}
+        data, datasets = TensorBatches(functools.partial(cached_split, corpus, "train", size), views), {}
     recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective), data, pretrain_loss)
     started = time.perf_counter()
     result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,

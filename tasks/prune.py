@@ -19,55 +19,48 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
-from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.train import Recipe, Resources, TensorBatches, TrainJob, TrainResult, fit
 from models.deploy import export
 from models.peft import PEFT_METHODS
 from models.prune import PRUNERS, PruneSettings, block_widths, count_flops, count_params, merge_tocom_pruned
-from models.tocom import load_tocom
+from models.tocom import TOCOM_SCALES, load_tocom
 from models.tome import apply_tome, tome_r
-from tasks.finetune import FinetuneConfig, _split, accuracy, classification_loss, flip, load_task_model
+from tasks.classification import accuracy, cached_split, classification_loss, flip
+from tasks.config import Frozen, paper_train
+from tasks.finetune import FinetuneNode, load_task_model
 
-TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0}
-# tasks.finetune.normalize maps uint8 x to x / 127.5 - 1, i.e. (x / 255 - 0.5) / 0.5 per channel.
-
-
-def _known_pruner(method: str) -> str:
-    if method not in PRUNERS:
-        raise ValueError(f"unknown pruning method {method!r} (known: {', '.join(PRUNERS)})")
-    return method
-
-
-def _with_train_defaults(value: Any) -> Any:
-    """Unnamed train fields take the prune stage's defaults, not TrainConfig's."""
-    return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
-
-
-# Shared by PruneConfig and the pipeline YAML's stages.prune (pipelines.spec.PruneStage).
-PrunerName = Annotated[str, AfterValidator(_known_pruner)]
-PruneTrain = Annotated[TrainConfig, BeforeValidator(_with_train_defaults)]
+# tasks.classification.normalize maps uint8 x to x / 127.5 - 1, i.e. (x / 255 - 0.5) / 0.5 per channel.
 PREPROCESS = {"input": "RGB, uint8 scaled to [0, 1]", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
-class PruneConfig(BaseModel):
-    """The validated config of one prune node: the finetune node it prunes, the method and its strengths."""
+def _known_pruner(name: str) -> str:
+    if name not in PRUNERS:
+        raise ValueError(f"unknown pruner {name!r} (known: {', '.join(PRUNERS)})")
+    return name
+
+
+class PruneConfig(Frozen):
+    """`stages.prune`: which fine-tuned models to prune, how, and how they are deployed."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
 
-    finetune: FinetuneConfig
-    method: PrunerName = "resrep"
+    pruner: Annotated[str, AfterValidator(_known_pruner)] = "resrep"
+    peft_methods: tuple[str, ...] | None = Field(None, description="fine-tuned models to prune; None: all")
     keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of MLP hidden units kept")
     head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
     lam: float = Field(1e-4, gt=0, alias="lambda", description="ResRep group-lasso strength")
     centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength")
-    tome_r: int = Field(0, ge=0, description="ToMe degree r_tgt of the deployed model")
-    tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field((0.05, 0.08, 0.1, 0.12, 0.15), min_length=1)
-    train: PruneTrain = TrainConfig(**TRAIN_DEFAULTS)
+    train: paper_train(steps=100, lr=1e-3, warmup_steps=5, weight_decay=0.0)
+    # ResRep's recovery: the converted, narrower model fine-tuned (every weight) on the task; null: none.
+    recover: paper_train(optional=True, steps=100, lr=1e-4, warmup_steps=5, weight_decay=0.0)
+    r_tgt: int = Field(0, ge=0, description="ToMe degree r_tgt of the deployed model")
+    tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field(TOCOM_SCALES, min_length=1)
     resources: Resources = Resources()
     latency_repeats: int = Field(20, gt=0, description="timed forwards per model and batch size")
     registry_prefix: str = "vitpipe"
@@ -77,6 +70,16 @@ class PruneConfig(BaseModel):
         ramp = max(1, self.train.steps * self.train.grad_accum // 2)
         return PruneSettings(keep_ratio=self.keep_ratio, head_keep_ratio=self.head_keep_ratio, lam=self.lam,
                              ramp_steps=ramp, centripetal=self.centripetal)
+
+
+class PruneNode(PruneConfig):
+    """One prune node: the stage config for the task model of one finetune node."""
+
+    model: FinetuneNode
+
+    @classmethod
+    def of(cls, stage: PruneConfig, model: FinetuneNode) -> PruneNode:
+        return cls(**{**dict(stage), "peft_methods": (model.method.name,)}, model=model)
 
 
 def prunable(baseline: nn.Module, method: str, settings: PruneSettings) -> nn.Module:
@@ -123,7 +126,7 @@ def deploy_tome(ctx: StageContext, model: VisionTransformer, r: int) -> int:
     return tome_r(model)
 
 
-def merge_tocom(ctx: StageContext, cfg: PruneConfig, model: VisionTransformer, structure: list[dict[str, list[int]]],
+def merge_tocom(ctx: StageContext, cfg: PruneNode, model: VisionTransformer, structure: list[dict[str, list[int]]],
                 inputs: dict[str, Manifest], r_src: int, r_tgt: int) -> dict[str, Any] | None:
     """Fold ToCom Delta(r_src -> r_tgt) into the q / v weights at the scale best on val; None without ToCom."""
     if "tocom" not in inputs or r_src == r_tgt:
@@ -134,7 +137,7 @@ def merge_tocom(ctx: StageContext, cfg: PruneConfig, model: VisionTransformer, s
         raise ValueError(f"ToCom {inputs['tocom'].key} was distilled on backbone {tocom_from}, "
                          f"the task model was fine-tuned from {task_from}")
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
-    uri, size = inputs["data"].outputs["uri"], cfg.finetune.backbone.img_size
+    uri, size = inputs["data"].outputs["uri"], cfg.model.backbone.img_size
     delta = (min(r_src, tocom.max_r), min(r_tgt, tocom.max_r))
     val = {}
     for scale in cfg.tocom_scales:
@@ -145,65 +148,115 @@ def merge_tocom(ctx: StageContext, cfg: PruneConfig, model: VisionTransformer, s
     return {"delta": list(delta), "scale": scale, "val_accuracy": val[scale]}
 
 
-def run(ctx: StageContext, cfg: PruneConfig, inputs: dict[str, Manifest]) -> StageResult:
-    """inputs: "model" (finetune), "data", optional "backbone" (pretrained encoder) and "tocom" (distill)."""
-    ft, data = cfg.finetune, inputs["data"].outputs
-    uri, size, r_src = data["uri"], ft.backbone.img_size, ft.tome_r
+def _task_data(cfg: PruneNode, uri: str, size: int) -> TensorBatches:
+    return TensorBatches(functools.partial(cached_split, uri, "train", size), flip if cfg.model.augment else None)
+
+
+def _val_accuracy(uri: str, size: int, model: nn.Module) -> dict[str, float]:
+    return {"val_accuracy": accuracy(model, uri, "val", size)}
+
+
+def merged_baseline(ctx: StageContext, ft: FinetuneNode, inputs: dict[str, Manifest]) -> nn.Module:
+    """The fine-tuned task model, its PEFT delta merged into the backbone where the method allows it, frozen."""
+    baseline = load_task_model(ctx.store, ft, inputs, ctx.seed)
     peft = PEFT_METHODS[ft.method.name]
-    baseline = load_task_model(ctx.store, ft, inputs)
     if peft.mergeable:
         peft.merge(baseline)
-    baseline.requires_grad_(False).eval()
+    return baseline.requires_grad_(False).eval()
 
-    recipe = Recipe(
-        build_model=functools.partial(prunable, baseline, cfg.method, cfg.settings()),
-        data=TensorBatches(functools.partial(_split, uri, "train", size), flip if ft.augment else None),
-        loss=classification_loss,
-    )
-    started = time.perf_counter()
+
+def prune_and_convert(ctx: StageContext, cfg: PruneNode, baseline: nn.Module, uri: str, size: int
+                      ) -> tuple[nn.Module, list[dict[str, list[int]]], TrainResult]:
+    """Train the pruner's structure (compactors / centripetal clusters) on the task, then fold it into a
+    narrower plain model; returns (pruned model, kept units per block, the training result)."""
+    recipe = Recipe(functools.partial(prunable, baseline, cfg.pruner, cfg.settings()), _task_data(cfg, uri, size),
+                    classification_loss)
     result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger()))
-    train_seconds = time.perf_counter() - started
-    model = prunable(baseline, cfg.method, cfg.settings())
+    model = prunable(baseline, cfg.pruner, cfg.settings())
     model.load_state_dict(result.state, strict=False)
-    structure = PRUNERS[cfg.method].convert(model)
-    model.requires_grad_(False).eval()
-    pruned_accuracy = accuracy(model, uri, "test", size)
+    structure = PRUNERS[cfg.pruner].convert(model)
+    return model.requires_grad_(False).eval(), structure, result
 
-    r_tgt = deploy_tome(ctx, model, cfg.tome_r)
-    tome_accuracy = accuracy(model, uri, "test", size)
-    tocom = merge_tocom(ctx, cfg, model, structure, inputs, r_src, r_tgt)
 
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """The Recipe model of the recovery fine-tune: a copy of the pruned model, every weight trainable."""
+    return copy.deepcopy(model).requires_grad_(True).train()
+
+
+def recover(ctx: StageContext, cfg: PruneNode, pruned: nn.Module, uri: str, size: int) -> tuple[nn.Module, bool]:
+    """ResRep's recovery: fine-tune the converted model on the task, keeping the checkpoint best on val, and
+    only if it beats the converted model there; returns (model, whether the recovered weights were kept)."""
+    if cfg.recover is None:
+        return pruned, False
+    recipe = Recipe(functools.partial(trainable_copy, pruned), _task_data(cfg, uri, size), classification_loss,
+                    evaluate=functools.partial(_val_accuracy, uri, size), select_metric="val_accuracy")
+    result = fit(TrainJob(f"{ctx.key}-recover", recipe, cfg.recover, cfg.resources, ctx.train_storage, ctx.seed,
+                          on_log=ctx.step_logger()))
+    recovered = trainable_copy(pruned)
+    recovered.load_state_dict(result.state)
+    recovered.requires_grad_(False).eval()
+    if accuracy(recovered, uri, "val", size) < accuracy(pruned, uri, "val", size):
+        return pruned, False
+    return recovered, True
+
+
+def compare(baseline: nn.Module, model: nn.Module, uri: str, size: int, repeats: int
+            ) -> tuple[dict[str, float], dict[str, float]]:
+    """Test accuracy, params, FLOPs, CPU latency and throughput of the unpruned and the deployed model."""
     before = {"test_accuracy": accuracy(baseline, uri, "test", size), **_cost(baseline, size)}
     after = {"test_accuracy": accuracy(model, uri, "test", size), **_cost(model, size)}
-    speed = cpu_speed({"before": baseline, "after": model}, size, cfg.latency_repeats)
-    before |= speed["before"]
-    after |= speed["after"]
+    speed = cpu_speed({"before": baseline, "after": model}, size, repeats)
+    return before | speed["before"], after | speed["after"]
 
-    task, method = ft.task, ft.method.name
-    meta = {"task": task, "classes": data["classes"], "finetune_method": method, "pruner": cfg.method,
-            "keep_ratio": cfg.keep_ratio, "head_keep_ratio": cfg.settings().heads_ratio, "structure": structure,
-            "tocom": tocom, "preprocess": {"img_size": size, **PREPROCESS}}
+
+def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, meta: dict[str, Any],
+                        tags: dict[str, float]) -> dict[str, str] | None:
+    """Write the deployable export (models.deploy) to the stage output and register it in MLflow."""
+    ft = cfg.model
+    peft = PEFT_METHODS[ft.method.name]
     with tempfile.TemporaryDirectory() as d:
         export(model, d, meta, peft=None if peft.mergeable else (peft, ft.method.params))
         for name in ("model.safetensors", "model.json"):
             ctx.writer.put_file(f"deploy/{name}", str(Path(d) / name))
-        metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
-        registered = ctx.register_model(f"{cfg.registry_prefix}-{task}-{method}-{cfg.method}", d,
-                                        {k: f"{v:.6g}" for k, v in metrics.items()})
+        registered = ctx.register_model(f"{cfg.registry_prefix}-{ft.task}-{ft.method.name}-{cfg.pruner}", d,
+                                        {k: f"{v:.6g}" for k, v in tags.items()})
+    return None if registered is None else {"name": registered[0], "version": registered[1]}
 
+
+def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> StageResult:
+    """inputs: "model" (finetune), "data", optional "backbone" (pretrained encoder) and "tocom" (distill)."""
+    ft, data = cfg.model, inputs["data"].outputs
+    uri, size, r_src = data["uri"], ft.backbone.img_size, ft.r_src
+    baseline = merged_baseline(ctx, ft, inputs)
+    started = time.perf_counter()
+    model, structure, result = prune_and_convert(ctx, cfg, baseline, uri, size)
+    pruned_accuracy = accuracy(model, uri, "test", size)
+    model, recovered = recover(ctx, cfg, model, uri, size)
+    train_seconds = time.perf_counter() - started
+    recovered_accuracy = accuracy(model, uri, "test", size)
+    r_tgt = deploy_tome(ctx, model, cfg.r_tgt)
+    tome_accuracy = accuracy(model, uri, "test", size)
+    tocom = merge_tocom(ctx, cfg, model, structure, inputs, r_src, r_tgt)
+    before, after = compare(baseline, model, uri, size, cfg.latency_repeats)
+
+    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    meta = {"task": ft.task, "classes": data["classes"], "finetune_method": ft.method.name, "pruner": cfg.pruner,
+            "keep_ratio": cfg.keep_ratio, "head_keep_ratio": cfg.settings().heads_ratio, "structure": structure,
+            "tocom": tocom, "preprocess": {"img_size": size, **PREPROCESS}}
+    registered = export_and_register(ctx, cfg, model, meta, metrics)
     metrics |= {
         "test_accuracy": after["test_accuracy"], "pruned_test_accuracy": pruned_accuracy,
-        "tome_test_accuracy": tome_accuracy, "train_seconds": train_seconds,
+        "recovered_test_accuracy": recovered_accuracy, "tome_test_accuracy": tome_accuracy,
+        "train_seconds": train_seconds,
         "params_ratio": after["params"] / before["params"], "flops_ratio": after["flops"] / before["flops"],
         "latency_ratio": after["latency_ms_b1"] / before["latency_ms_b1"],
         "throughput_ratio": after["throughput_b64"] / before["throughput_b64"],
         **{k: v for k, v in result.metrics.items() if k.startswith("final_")},
     }
     ctx.writer.put_json("history.json", result.history)
-    outputs = {"task": task, "method": method, "pruner": cfg.method, "keep_ratio": cfg.keep_ratio,
-               "merged": peft.mergeable, "r_src": r_src, "tome_r": r_tgt, "tocom": tocom,
-               "widths": block_widths(model), "before": before, "after": after,
-               "torch_threads": torch.get_num_threads(),
-               "registered": None if registered is None else {"name": registered[0], "version": registered[1]}}
+    outputs = {"task": ft.task, "method": ft.method.name, "pruner": cfg.pruner, "keep_ratio": cfg.keep_ratio,
+               "merged": PEFT_METHODS[ft.method.name].mergeable, "recovered": recovered, "r_src": r_src,
+               "r_tgt": r_tgt, "tocom": tocom, "widths": block_widths(model), "before": before, "after": after,
+               "torch_threads": torch.get_num_threads(), "registered": registered}
     return StageResult(metrics=metrics, outputs=outputs)

@@ -1,4 +1,4 @@
-"""The stage registry: kind -> (run function, config model). Adding a stage is one line here."""
+"""The stage registry: kind -> (run function, node config model). Adding a stage is one line here."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ class Stage(NamedTuple):
 
 
 STAGES: dict[str, Stage] = {
-    "data": Stage(prepare.run, prepare.PrepareConfig),
-    "pretrain": Stage(pretrain.run, pretrain.PretrainConfig),
-    "distill": Stage(distill.run, distill.DistillConfig),
-    "finetune": Stage(finetune.run, finetune.FinetuneConfig),
-    "evaluate": Stage(evaluate.run, evaluate.EvaluateConfig),
-    "prune": Stage(prune.run, prune.PruneConfig),
+    "data": Stage(prepare.run, prepare.DataNode),
+    "pretrain": Stage(pretrain.run, pretrain.PretrainNode),
+    "distill": Stage(distill.run, distill.DistillNode),
+    "finetune": Stage(finetune.run, finetune.FinetuneNode),
+    "evaluate": Stage(evaluate.run, evaluate.EvaluateNode),
+    "prune": Stage(prune.run, prune.PruneNode),
 }

@@ -61,6 +61,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def run_stage(store, tmp: Path, stage, kind: str, key: str, cfg, inputs, tracker=None, seed: int = 0):
+    """Run a stage module the way the runner does: its own writer, an MLflow child run when `tracker` is given,
+    the manifest committed last. Returns the manifest."""
+    from cluster.context import StageContext
+    from cluster.manifest import StageWriter
+
+    writer = StageWriter(store, kind, key)
+    run_id = tracker.start_run(key, {"vitpipe.stage.kind": kind}) if tracker else None
+    ctx = StageContext(kind, kind, key, seed, store, writer, tracker, run_id, str(tmp / "ray"))
+    result = stage.run(ctx, cfg, inputs)
+    return writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=run_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # S3: moto's S3 server on loopback, reached over real HTTP through boto3's env configuration.
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ folder; read their info and fingerprint; load a split into tensors or stream it 
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections.abc import Callable
 
@@ -25,7 +26,7 @@ from tasks.data.shards import (
 )
 
 __all__ = ["IMPORTERS", "SOURCES", "SPLITS", "DataError", "DatasetInfo", "SourceData", "fingerprint",
-           "load_split", "prepare", "ray_dataset", "read_info", "resolve_source"]
+           "load_split", "prepare", "ray_dataset", "read_info", "resolve_source", "source_digest"]
 
 SOURCES: dict[str, Callable[[int], SourceData]] = {
     "photos": photos,
@@ -51,6 +52,33 @@ def resolve_source(source: str) -> Callable[[int], SourceData]:
         return functools.partial(IMPORTERS[kind], location)
     known = [*SOURCES, *(f"{kind}:PATH" for kind in IMPORTERS)]
     raise DataError(f"unknown data source {source!r}; known: {', '.join(known)}")
+
+
+def source_digest(source: str) -> str | None:
+    """A cheap digest of a user folder's listing (relative names, sizes, modification times; local or s3://),
+    so that edited, added or removed files change the data stage's key; None for the bundled sources, whose
+    content is fixed by the installed packages. A missing folder, or an ImageFolder with fewer than two
+    classes, is a DataError here, when the pipeline is planned."""
+    resolve_source(source)
+    kind, _, location = source.partition(":")
+    if kind not in IMPORTERS:
+        return None
+    fs, path = arrow_filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise DataError(f"data source {source}: {location} is not a directory")
+    files = sorted((f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                    if f.type == pafs.FileType.File), key=lambda f: f.path)
+    relative = [f.path[len(path):].lstrip("/") for f in files]
+    if kind == "imagefolder":
+        parts = [name.split("/") for name in relative if "/" in name]
+        classes = {p[1] if p[0] in SPLITS and len(p) > 2 else p[0] for p in parts}
+        if len(classes) < 2:
+            raise DataError(f"data source {source}: a classifier needs at least two class folders, "
+                            f"found {len(classes)} ({', '.join(sorted(classes)) or 'none'})")
+    h = hashlib.sha256()
+    for name, f in zip(relative, files, strict=True):
+        h.update(f"{name}:{f.size}:{f.mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def prepare(source: str, out_uri: str, seed: int = 0, rows_per_shard: int = 2048) -> DatasetInfo:

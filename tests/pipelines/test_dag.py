@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines.dag import build_dag, stage_keys
-from pipelines.spec import load_config
+from pipelines.spec import ConfigError, load_config
+from tasks.stages import STAGES
 
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "demo.yaml"
 
@@ -58,3 +60,77 @@ def test_no_evaluate_node_for_methods_that_token_merging_cannot_patch(tmp_path: 
     names = {n.name for n in build_dag(cfg)}
     assert {"finetune/digits/convpass", "finetune/digits/vpt", "evaluate/digits/linear"} <= names
     assert not {"evaluate/digits/convpass", "evaluate/digits/vpt"} & names
+
+
+def _vtab_sources(tmp_path: Path) -> tuple[str, ...]:
+    """--set overrides pointing every vtab1k.yaml task at an (empty) folder here: planning only lists them."""
+    cfg = yaml.safe_load((DEMO.parent / "vtab1k.yaml").read_text())
+    for task in cfg["tasks"]:
+        (tmp_path / task).mkdir()
+    return tuple(f"tasks.{task}.source=vtab1k:{tmp_path / task}" for task in cfg["tasks"])
+
+
+def _imagefolder(root: Path, classes: tuple[str, ...] = ("cats", "dogs")) -> Path:
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        (root / cls / "a.png").write_bytes(b"not decoded when planning")
+    return root
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "vtab1k.yaml", "imagefolder"])
+def test_yaml_round_trips_spec_to_dag_to_node_config(name: str, tmp_path: Path) -> None:
+    """What the YAML says reaches each node's config, and a node config survives the trip to its Ray task."""
+    if name == "imagefolder":
+        folder = _imagefolder(tmp_path / "pets")
+        cfg = load_config(DEMO, (f"tasks.pets.source=imagefolder:{folder}",))
+    else:
+        cfg = load_config(DEMO.parent / name, _vtab_sources(tmp_path) if name == "vtab1k.yaml" else ())
+    nodes = build_dag(cfg)
+    for node in nodes:
+        dumped = node.cfg.model_dump(mode="json", by_alias=True)
+        assert STAGES[node.kind].config.model_validate(dumped) == node.cfg, node.name
+    by_name = {n.name: n.cfg for n in nodes}
+    for task in cfg.tasks:
+        assert by_name[f"data/{task}"].source == cfg.tasks[task].source
+        for method in cfg.stages.finetune.methods:
+            node = by_name[f"finetune/{task}/{method.name}"]
+            assert (node.task, node.method, node.backbone) == (task, method, cfg.backbone)
+            assert node.train == cfg.stages.finetune.train and node.r_src == cfg.stages.finetune.r_src
+    if name == "imagefolder":
+        assert by_name["data/pets"].digest is not None and by_name["data/digits"].digest is None
+    if cfg.stages.distill is not None:
+        assert by_name["distill"].train == cfg.stages.distill.train and by_name["distill"].backbone == cfg.backbone
+    if cfg.stages.prune is not None:
+        prune = next(n for n in nodes if n.kind == "prune").cfg
+        assert prune.r_tgt == cfg.stages.prune.r_tgt and prune.train == cfg.stages.prune.train
+
+
+def test_partial_train_blocks_keep_each_stage_paper_defaults() -> None:
+    cfg = load_config(DEMO, ("stages.distill.train={steps: 7}", "stages.pretrain.train={steps: 5}",
+                             "stages.prune.train={steps: 3}"))
+    nodes = {n.name: n.cfg for n in build_dag(cfg)}
+    distill = nodes["distill"].train
+    assert (distill.steps, distill.lr, distill.weight_decay) == (7, 2e-3, 0.05)
+    assert (nodes["pretrain"].train.lr, nodes["pretrain"].train.betas) == (1.5e-4, (0.9, 0.95))
+    assert (nodes["prune/digits/fact_tt"].train.lr, nodes["prune/digits/fact_tt"].train.warmup_steps) == (1e-3, 5)
+
+
+def test_user_folder_edits_change_the_data_key(tmp_path: Path) -> None:
+    folder = _imagefolder(tmp_path / "pets")
+    override = (f"tasks.pets.source=imagefolder:{folder}",)
+    before = keys(*override)
+    (folder / "dogs" / "b.png").write_bytes(b"another image")
+    after = keys(*override)
+    assert before["data/pets"] != after["data/pets"] and before["finetune/pets/lora"] != after["finetune/pets/lora"]
+    assert before["data/digits"] == after["data/digits"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stages.evaluate.r_targets=[-1]", r"stages\.evaluate\.r_targets\[0\]: Input should be greater than or equal"),
+    ("tasks.pets.source=imagefolder:/no/such/folder", r"tasks\.pets\.source: .* is not a directory"),
+    ("tasks.pets.source=imagefolder:{one_class}", r"tasks\.pets\.source: .*needs at least two class folders"),
+])
+def test_bad_values_fail_when_the_pipeline_is_planned(override: str, message: str, tmp_path: Path) -> None:
+    one_class = _imagefolder(tmp_path / "one", ("cats",))
+    with pytest.raises(ConfigError, match=message):
+        build_dag(load_config(DEMO, (override.format(one_class=one_class),)))

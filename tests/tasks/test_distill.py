@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-from cluster.context import StageContext
 from cluster.manifest import Manifest, StageWriter, read_bytes, read_weights
 from cluster.store import LocalStore
 from cluster.train import DataContext, TensorBatches
@@ -19,7 +16,7 @@ from models.tocom import load_tocom
 from models.vit import ViTSpec
 from tasks import distill, evaluate, finetune, prepare
 from tasks.distill import (
-    DistillConfig,
+    DistillNode,
     WithDegreePairs,
     build_self_distillation,
     corpus,
@@ -28,20 +25,13 @@ from tasks.distill import (
     heldout_kl,
     sample_pair,
 )
-from tasks.evaluate import EvaluateConfig
-from tasks.finetune import FinetuneConfig, FinetuneMethod
+from tasks.evaluate import EvaluateNode
+from tasks.finetune import FinetuneNode
+from tests.conftest import run_stage
 
 MAX_R = 4  # 64 tokens: 64 -> 60 -> ... -> 48 at r = 4
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
-
-
-def run_stage(store: LocalStore, tmp: Path, stage: ModuleType, kind: str, key: str, cfg, inputs) -> Manifest:
-    """Run a stage the way the runner does (its own writer, manifest committed last)."""
-    writer = StageWriter(store, kind, key)
-    ctx = StageContext(kind, kind, key, 0, store, writer, None, None, str(tmp / "ray"))
-    result = stage.run(ctx, cfg, inputs)
-    return writer.commit(metrics=result.metrics, outputs=result.outputs)
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +44,26 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     writer.put_weights("encoder.safetensors", BACKBONE.build(num_classes=0).state_dict())
     return {
         "tmp": tmp, "store": store, "backbone": writer.commit(),
-        "corpus": run_stage(store, tmp, prepare, "data", "photos", prepare.PrepareConfig(source="photos"), {}),
-        "digits": run_stage(store, tmp, prepare, "data", "digits", prepare.PrepareConfig(source="digits"), {}),
+        "corpus": run_stage(store, tmp, prepare, "data", "photos", prepare.DataNode(source="photos"), {}),
+        "digits": run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {}),
     }
 
 
 @pytest.fixture(scope="module")
-def distilled(world: dict) -> tuple[DistillConfig, Manifest]:
+def distilled(world: dict) -> tuple[DistillNode, Manifest]:
     # Many small steps: each draws one of the 20 pairs (measured held-out KL ratio ~0.68 here; ~0.6 is this
     # random-init backbone's plateau after many more steps).
     train = {"steps": 400, "batch_size": 8, "lr": 1e-2, "warmup_steps": 10, "checkpoint_every": 400,
              "log_every": 50, "max_failures": 0}
-    cfg = DistillConfig(backbone=BACKBONE, max_r=MAX_R, train=train, resources=ONE_WORKER, heldout=64)
+    cfg = DistillNode(backbone=BACKBONE, max_r=MAX_R, train=train, resources=ONE_WORKER, heldout=64)
     inputs = {"corpus": world["corpus"], "backbone": world["backbone"]}
     return cfg, run_stage(world["store"], world["tmp"], distill, "distill", "tocom", cfg, inputs)
 
 
 def test_config_keeps_paper_defaults_for_unnamed_train_fields() -> None:
-    cfg = DistillConfig(backbone=BACKBONE, train={"steps": 7})
+    cfg = DistillNode(backbone=BACKBONE, train={"steps": 7})
     assert (cfg.train.steps, cfg.train.lr, cfg.train.weight_decay) == (7, 2e-3, 0.05)
-    assert DistillConfig(backbone=BACKBONE).train.lr == 2e-3
+    assert DistillNode(backbone=BACKBONE).train.lr == 2e-3
 
 
 def test_each_step_draws_one_uniform_pair_shared_by_ranks_and_chunks() -> None:
@@ -89,7 +79,7 @@ def test_each_step_draws_one_uniform_pair_shared_by_ranks_and_chunks() -> None:
 
 
 def test_only_tocom_trains_and_the_backbone_check_sees_a_change(world: dict) -> None:
-    cfg = DistillConfig(backbone=BACKBONE, max_r=MAX_R, heldout=8)
+    cfg = DistillNode(backbone=BACKBONE, max_r=MAX_R, heldout=8)
     model = build_self_distillation(cfg, MAX_R, None, seed=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in model.named_parameters() if name.startswith("token_compensator.")}
@@ -131,11 +121,11 @@ def test_stored_tocom_loads_back_and_reproduces_the_reported_kl(world: dict, dis
 # ---------------------------------------------------------------------------------------------
 
 
-def finetune_config(tome_r: int) -> FinetuneConfig:
+def finetune_config(r_src: int) -> FinetuneNode:
     train = {"steps": 60, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "checkpoint_every": 60, "log_every": 20,
              "max_failures": 0}
-    return FinetuneConfig(task="digits", method=FinetuneMethod(name="full"), backbone=BACKBONE, train=train,
-                          resources=ONE_WORKER, tome_r=tome_r)
+    return FinetuneNode(task="digits", methods=["full"], backbone=BACKBONE, train=train, resources=ONE_WORKER,
+                        r_src=r_src)
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +138,14 @@ def finetuned(world: dict) -> Manifest:
 def test_evaluate_rows_plot_and_identity_at_r_src(world: dict, distilled, finetuned, r_src: int) -> None:
     """The model fine-tuned at r = 0 is also read as fine-tuned at r_src = 2, to exercise r_src > 0; r_tgt = 8
     is beyond R = 4 and uses Delta up to R."""
-    cfg = EvaluateConfig(finetune=finetune_config(r_src), r_targets=(0, 2, 4, 8))
+    cfg = EvaluateNode(model=finetune_config(r_src), r_targets=(0, 2, 4, 8))
     inputs = {"model": finetuned, "data": world["digits"], "tocom": distilled[1], "backbone": world["backbone"]}
     manifest = run_stage(world["store"], world["tmp"], evaluate, "evaluate", f"digits-full-r{r_src}", cfg, inputs)
     rows = manifest.outputs["rows"]
     assert [row["r_tgt"] for row in rows] == [0, 2, 4, 8] and manifest.outputs["r_src"] == r_src
     assert rows[-1]["tocom_delta"] == [r_src, MAX_R]
     for row in rows:
-        assert row["scale"] in cfg.scales and 0.0 <= row["acc_with"] <= 1.0
+        assert row["scale"] in cfg.tocom_scales and 0.0 <= row["acc_with"] <= 1.0
         assert manifest.metrics[f"acc_r{row['r_tgt']}"] == row["acc_without"]
         assert manifest.metrics[f"acc_tocom_r{row['r_tgt']}"] == row["acc_with"]
     same = next(row for row in rows if row["r_tgt"] == r_src)
@@ -168,7 +158,7 @@ def test_evaluate_rows_plot_and_identity_at_r_src(world: dict, distilled, finetu
 
 
 def test_evaluate_refuses_a_tocom_from_another_backbone(world: dict, distilled, finetuned) -> None:
-    cfg = EvaluateConfig(finetune=finetune_config(0), r_targets=(0,))
+    cfg = EvaluateNode(model=finetune_config(0), r_targets=(0,))
     inputs = {"model": finetuned, "data": world["digits"], "tocom": distilled[1]}  # task model: no backbone
     with pytest.raises(ValueError, match="distilled on backbone seeded"):
         run_stage(world["store"], world["tmp"], evaluate, "evaluate", "mismatch", cfg, inputs)

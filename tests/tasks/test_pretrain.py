@@ -12,8 +12,8 @@ from cluster.manifest import Manifest, read_bytes, read_weights
 from cluster.store import LocalStore
 from models.vit import ViTSpec
 from tasks import prepare, pretrain
-from tasks.pretrain import PretrainConfig
-from tests.tasks.test_distill import run_stage
+from tasks.pretrain import PretrainNode
+from tests.conftest import run_stage
 
 OBJECTIVE = {"weights": {"localmim": 1.0, "infocl": 1.0},
              "localmim": {"taps": [1, 3], "scales": [2.0, 1.0], "weights": [1.0, 1.0], "dec_dim": 32, "dec_heads": 2},
@@ -28,13 +28,13 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = LocalStore(str(tmp / "store"))
     return {
         "tmp": tmp, "store": store,
-        "corpus": run_stage(store, tmp, prepare, "data", "photos", prepare.PrepareConfig(source="photos"), {}),
-        "digits": run_stage(store, tmp, prepare, "data", "digits", prepare.PrepareConfig(source="digits"), {}),
+        "corpus": run_stage(store, tmp, prepare, "data", "photos", prepare.DataNode(source="photos"), {}),
+        "digits": run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {}),
     }
 
 
-def _pretrain(world: dict, key: str, workers: int, loader: str, probe: bool = True) -> tuple[PretrainConfig, Manifest]:
-    cfg = PretrainConfig(backbone=ViTSpec(), objective=OBJECTIVE, train=TRAIN, loader=loader,
+def _pretrain(world: dict, key: str, workers: int, loader: str, probe: bool = True) -> tuple[PretrainNode, Manifest]:
+    cfg = PretrainNode(backbone=ViTSpec(), objective=OBJECTIVE, train=TRAIN, loader=loader,
                          resources={"num_workers": workers, "cpus_per_worker": 1})
     inputs = {"corpus": world["corpus"], **({"probe:digits": world["digits"]} if probe else {})}
     return cfg, run_stage(world["store"], world["tmp"], pretrain, "pretrain", key, cfg, inputs)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cluster.context import StageContext
 from cluster.manifest import Manifest, StageWriter, read_bytes
 from cluster.store import LocalStore
 from cluster.tracking import Tracker
@@ -21,22 +19,15 @@ from models.vit import ViTSpec
 from pipelines.dag import build_dag
 from pipelines.spec import ConfigError, load_config
 from tasks import finetune, prepare, prune
-from tasks.finetune import FinetuneConfig, FinetuneMethod, accuracy
-from tasks.prune import PruneConfig
+from tasks.classification import accuracy
+from tasks.finetune import FinetuneNode
+from tasks.prune import PruneNode
+from tests.conftest import run_stage
 
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
+RECOVER = {"steps": 12, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 6, "log_every": 6, "max_failures": 0}
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "demo.yaml"
-
-
-def run_stage(store: LocalStore, tmp: Path, stage: ModuleType, kind: str, key: str, cfg, inputs,
-              tracker: Tracker | None = None) -> Manifest:
-    """Run a stage the way the runner does (its own writer, MLflow child run, manifest committed last)."""
-    writer = StageWriter(store, kind, key)
-    run_id = tracker.start_run(key, {"vitpipe.stage.kind": kind}) if tracker else None
-    ctx = StageContext(kind, kind, key, 0, store, writer, tracker, run_id, str(tmp / "ray"))
-    result = stage.run(ctx, cfg, inputs)
-    return writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=run_id)
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +44,25 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
         torch.nn.init.normal_(block.b_v.weight, std=0.05)
     distilled = StageWriter(store, "distill", "tocom")
     distilled.put_bytes("tocom.safetensors", save_tocom(tocom))
-    digits = run_stage(store, tmp, prepare, "data", "digits", prepare.PrepareConfig(source="digits"), {})
+    digits = run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {})
     return {"tmp": tmp, "store": store, "backbone": encoder.commit(), "digits": digits,
             "tocom": distilled.commit(outputs={"max_r": 4, "backbone_key": "seeded"}),
             "tracker": Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "test-prune")}
 
 
-def finetune_config(method: str, **params) -> FinetuneConfig:
+def finetune_config(method: str, **params) -> FinetuneNode:
     train = {"steps": 24, "batch_size": 32, "lr": 2e-3, "warmup_steps": 4, "checkpoint_every": 24, "log_every": 12,
              "max_failures": 0}
-    return FinetuneConfig(task="digits", method=FinetuneMethod(name=method, **params), backbone=BACKBONE,
+    return FinetuneNode(task="digits", methods=[{"name": method, **params}], backbone=BACKBONE,
                           train=train, resources=ONE_WORKER)
 
 
-def prune_config(ft: FinetuneConfig, method: str, **kwargs) -> PruneConfig:
+def prune_config(ft: FinetuneNode, pruner: str, **kwargs) -> PruneNode:
     train = {"steps": 30, "batch_size": 32, "lr": 5e-3, "checkpoint_every": 30, "log_every": 10, "max_failures": 0}
-    return PruneConfig(finetune=ft, method=method, train=train, resources=ONE_WORKER, latency_repeats=3, **kwargs)
+    return PruneNode(model=ft, pruner=pruner, train=train, resources=ONE_WORKER, latency_repeats=3, **kwargs)
 
 
-def finetuned(world: dict, ft: FinetuneConfig, key: str) -> Manifest:
+def finetuned(world: dict, ft: FinetuneNode, key: str) -> Manifest:
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
     return run_stage(world["store"], world["tmp"], finetune, "finetune", key, ft, inputs)
 
@@ -85,13 +76,13 @@ def exported(world: dict, manifest: Manifest, tmp: Path) -> Path:
 def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path: Path) -> None:
     ft = finetune_config("fact_tt", rank=4)
     model = finetuned(world, ft, "digits-fact")
-    cfg = prune_config(ft, "resrep", keep_ratio=0.5, tome_r=4, **{"lambda": 1e-3})
+    cfg = prune_config(ft, "resrep", keep_ratio=0.5, r_tgt=4, recover=RECOVER, **{"lambda": 1e-3})
     inputs = {"model": model, "data": world["digits"], "backbone": world["backbone"], "tocom": world["tocom"]}
     manifest = run_stage(world["store"], world["tmp"], prune, "prune", "digits-fact-resrep", cfg, inputs,
                          world["tracker"])
     out, metrics = manifest.outputs, manifest.metrics
     assert out["widths"] == [{"mlp_hidden": 128, "num_heads": 2}] * 4 and out["merged"] is True
-    assert (out["r_src"], out["tome_r"]) == (0, 4)
+    assert (out["r_src"], out["r_tgt"]) == (0, 4)
     assert out["tocom"]["delta"] == [0, 4] and out["tocom"]["scale"] in cfg.tocom_scales
     before, after = out["before"], out["after"]
     assert after["params"] < 0.75 * before["params"] and after["flops"] < 0.6 * before["flops"]
@@ -99,6 +90,9 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert before["test_accuracy"] == pytest.approx(model.metrics["test_accuracy"])  # merge kept the model
     # the short fact_tt fine-tune on a random-init encoder is near chance; pruning trains every weight
     assert metrics["pruned_test_accuracy"] > before["test_accuracy"] + 0.1, metrics
+    # the recovery fine-tune is kept only when it beats the converted model on val; else the model is unchanged
+    if not out["recovered"]:
+        assert metrics["recovered_test_accuracy"] == metrics["pruned_test_accuracy"]
     for side in (before, after):
         assert side["latency_ms_b1"] > 0 and side["throughput_b64"] > 0
 
@@ -121,12 +115,13 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
 def test_csgd_keeps_an_unmergeable_adapter_and_merges_tokens_beside_it(world: dict, tmp_path: Path) -> None:
     ft = finetune_config("bi_adapter", dim=8)
     model = finetuned(world, ft, "digits-biadapter")
-    cfg = prune_config(ft, "csgd", keep_ratio=0.75, head_keep_ratio=0.5, tome_r=4)
+    cfg = prune_config(ft, "csgd", keep_ratio=0.75, head_keep_ratio=0.5, r_tgt=4, recover=None)
     inputs = {"model": model, "data": world["digits"], "backbone": world["backbone"]}
     manifest = run_stage(world["store"], world["tmp"], prune, "prune", "digits-bi-csgd", cfg, inputs)
     out = manifest.outputs
     assert out["widths"] == [{"mlp_hidden": 192, "num_heads": 2}] * 4
-    assert out["merged"] is False and out["tome_r"] == 4 and out["tocom"] is None and out["registered"] is None
+    assert out["merged"] is False and out["recovered"] is False and out["r_tgt"] == 4
+    assert out["tocom"] is None and out["registered"] is None
     deploy = load(exported(world, manifest, tmp_path))
     assert json.loads((tmp_path / "model.json").read_text())["peft"]["name"] == "bi_adapter"
     assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy_after"]
@@ -136,13 +131,13 @@ def test_pipeline_config_wires_prune_nodes_and_rejects_keep_ratio_zero() -> None
     cfg = load_config(DEMO)
     nodes = {n.name: n for n in build_dag(cfg)}
     pruned = sorted(n for n in nodes if n.startswith("prune/"))
-    methods = cfg.stages.prune.finetune_methods
+    methods = cfg.stages.prune.peft_methods
     assert pruned == [f"prune/{t}/{m}" for t in ("digits", "faces", "textures") for m in methods]
     task, method = pruned[0].split("/")[1:]
     assert nodes[pruned[0]].deps == {"model": f"finetune/{task}/{method}", "data": f"data/{task}",
                                      "backbone": "pretrain", "tocom": "distill"}
-    assert nodes[pruned[0]].config().finetune == nodes[f"finetune/{task}/{method}"].config()
-    with pytest.raises(ConfigError, match=r"stages\.prune\.keep_ratio: keep ratio must satisfy 0 < k <= 1"):
+    assert nodes[pruned[0]].cfg.model == nodes[f"finetune/{task}/{method}"].cfg
+    with pytest.raises(ConfigError, match=r"stages\.prune\.keep_ratio: Input should be greater than 0"):
         load_config(DEMO, ("stages.prune.keep_ratio=0",))
-    with pytest.raises(ConfigError, match=r"stages\.prune\.method: unknown pruning method 'obd'"):
-        load_config(DEMO, ("stages.prune.method=obd",))
+    with pytest.raises(ConfigError, match=r"stages\.prune\.pruner: unknown pruner 'obd'"):
+        load_config(DEMO, ("stages.prune.pruner=obd",))

@@ -1,0 +1,47 @@
+"""What the classification stages share: cached task splits, input normalisation, flip augmentation, the loss
+and accuracy on a split."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from tasks.data import load_split
+
+
+@functools.lru_cache(maxsize=8)
+def cached_split(uri: str, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 3, size, size) uint8, labels (N,) int64) of one split, decoded once per process."""
+    return load_split(uri, split, size)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def flip(batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator):
+    """Random horizontal flip, one coin per image."""
+    x, y = batch
+    coins = torch.rand(len(x), generator=gen) < 0.5
+    return torch.where(coins[:, None, None, None], x.flip(-1), x), y
+
+
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    x, y = batch
+    logits = model(normalize(x))
+    accuracy = (logits.argmax(-1) == y).float().mean().item()
+    return nn.functional.cross_entropy(logits, y), {"train_accuracy": accuracy}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, uri: str, split: str, size: int, batch: int = 256) -> float:
+    x, y = cached_split(uri, split, size)
+    was_training = model.training
+    model.eval()
+    hits = sum(int((model(normalize(x[i:i + batch])).argmax(-1) == y[i:i + batch]).sum())
+               for i in range(0, len(x), batch))
+    model.train(was_training)
+    return hits / len(x)
