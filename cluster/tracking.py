@@ -56,6 +56,20 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+def _create_sqlite_store(client: MlflowClient, db: Path) -> None:
+    """Create and migrate a SQLite tracking DB under a file lock: MLflow's first use of a new DB runs its
+    alembic migrations, and two first runs on a fresh work_dir would otherwise both migrate and one fail."""
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client.search_experiments(max_results=1)  # opens the store: creates / migrates the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @dataclass
 class Tracker:
     """Thin, picklable handle on one MLflow experiment."""
@@ -76,11 +90,12 @@ class Tracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             if self.uri.startswith(("http://", "https://")):
                 self.retry.configure_mlflow_http()
-            self._client = MlflowClient(tracking_uri=self.uri)
+            client = MlflowClient(tracking_uri=self.uri)
+            if self.uri.startswith("sqlite:///"):
+                _create_sqlite_store(client, Path(self.uri.removeprefix("sqlite:///")))
+            self._client = client
         return self._client
 
     @property

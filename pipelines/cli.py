@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="photos, digits, faces, textures, imagefolder:PATH, vtab1k:PATH")
     prep.add_argument("--out", required=True, help="local folder or s3://bucket/prefix")
     prep.add_argument("--seed", type=int, default=0)
+    folder = data_sub.add_parser("imagefolder", help="write a bundled labeled dataset as a folder of JPEGs")
+    folder.add_argument("--source", default="textures", help="digits, faces or textures (default: textures)")
+    folder.add_argument("--out", required=True, help="folder to create, one sub-folder per class")
+    folder.add_argument("--per-class", type=int, help="at most this many images per class")
+    folder.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -197,8 +202,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from tasks.data import prepare
+    from tasks.data import DataError, prepare, resolve_source
 
+    if args.data_command == "imagefolder":
+        from tasks.data.bundled import write_imagefolder
+
+        data = resolve_source(args.source)(args.seed)
+        if not data.classes:
+            raise DataError(f"--source {args.source}: unlabeled, an ImageFolder needs classes")
+        counts = write_imagefolder(data, args.out, args.per_class)
+        print(f"{args.out}: {', '.join(f'{cls} {n}' for cls, n in counts.items())} JPEGs")
+        return 0
     info = prepare(args.source, args.out, seed=args.seed)
     counts = ", ".join(f"{k} {v}" for k, v in info.counts.items())
     print(f"{info.uri}: {info.source}, {len(info.classes)} classes, {counts}; fingerprint {info.fingerprint}")

@@ -17,7 +17,10 @@ from pydantic import BaseModel
 
 from cluster.tracking import git_commit
 from cluster.train import Resources
+from cluster.weights import weights_digest
 from models.peft import PEFT_METHODS
+from models.vit import ViTSpec
+from models.weights import WeightsError
 from pipelines.spec import ConfigError, PipelineConfig
 from tasks.data import DataError
 from tasks.distill import DistillNode
@@ -58,14 +61,23 @@ class Node:
         return replace(self, cfg=self.cfg.model_copy(update={"resources": resources}))
 
 
+# Packages whose versions shape the numbers a stage computes: a cache hit must not reuse their other versions' output.
+NUMERIC_PACKAGES = ("torch", "timm", "deepspeed", "numpy")
+
+
 def code_version() -> str:
+    """The package version, the git commit, and the versions of the packages that shape numerics."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        pkg = version("vitpipe")
-    except PackageNotFoundError:
-        pkg = "dev"
-    return f"{pkg}+{git_commit(PACKAGE_ROOT) or 'nogit'}"
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "none"
+
+    pkg = installed("vitpipe").replace("none", "dev")
+    deps = ",".join(f"{name}={installed(name)}" for name in NUMERIC_PACKAGES)
+    return f"{pkg}+{git_commit(PACKAGE_ROOT) or 'nogit'};{deps}"
 
 
 def _data_node(name: str, spec: DatasetSpec, where: str) -> Node:
@@ -75,10 +87,26 @@ def _data_node(name: str, spec: DatasetSpec, where: str) -> Node:
         raise ConfigError(f"{where}.source: {err}") from None
 
 
+def planned_backbone(spec: ViTSpec) -> ViTSpec:
+    """The backbone with its weights' sha256 filled in (it goes into every downstream key); a pinned sha256
+    that the file no longer has, or weights that cannot be read, fail here with the config path."""
+    if spec.weights is None:
+        return spec
+    try:
+        sha = weights_digest(spec.weights)
+    except WeightsError as err:
+        raise ConfigError(f"backbone.weights: {str(err).splitlines()[0]}") from None
+    if spec.weights_sha256 is not None and spec.weights_sha256 != sha:
+        raise ConfigError(f"backbone.weights_sha256: {spec.weights} has sha256 {sha}, not the pinned "
+                          f"{spec.weights_sha256}")
+    return spec.model_copy(update={"weights_sha256": sha})
+
+
 def build_dag(cfg: PipelineConfig) -> list[Node]:
     """Nodes in topological order: data per task (and corpus), pretrain, distill, then per (task, method):
     finetune, evaluate, prune. Every node's config is validated here, when the pipeline is planned."""
     stages = cfg.stages
+    cfg = cfg.model_copy(update={"backbone": planned_backbone(cfg.backbone)})
     nodes = [_data_node(task, spec, f"tasks.{task}") for task, spec in cfg.tasks.items()]
     if stages.pretrain is not None or stages.distill is not None:
         nodes.append(_data_node("corpus", cfg.corpus, "corpus"))

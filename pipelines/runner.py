@@ -112,7 +112,10 @@ def connect_ray(cfg: PipelineConfig) -> None:
         # default, and each stage waits several polls (start, every report, finish). Poll faster locally;
         # the environment still decides (a cluster's raylets carry their own environment).
         os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False, **quiet)
+        # address="local": always a new Ray of our own; plain ray.init() would join whatever cluster this
+        # machine runs (another user's `ray start`, a test cluster) through Ray's current-cluster file.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                 **quiet)
 
 
 def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
@@ -147,6 +150,22 @@ class _Run:
         self.outcomes: dict[str, NodeOutcome] = {}
         self.pending: dict[Any, tuple[Node, float]] = {}
         self.waiting: list[Node] = []
+        self.parent: str | None = None
+        self.open_runs: set[str] = set()  # MLflow runs this driver started and has not ended yet
+        self.env_base: dict[str, Any] = {}
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.tracker.finish(run_id, status)
+        self.open_runs.discard(run_id)
+
+    def end_open_runs(self, status: str) -> None:
+        """On any failure of the driver: no run it started may stay RUNNING (best effort: the failure may
+        be the tracking store itself, and the original error is what the user must see)."""
+        for run_id in sorted(self.open_runs - {self.parent}) + ([self.parent] if self.parent else []):
+            try:
+                self.finish(run_id, status)
+            except Exception as err:  # noqa: BLE001 - keep ending the others
+                log.warning("could not end MLflow run %s: %s", run_id, _one_line(err))
 
     def start_parent(self) -> str:
         commit = git_commit(PACKAGE_ROOT) or "unknown"
@@ -154,6 +173,7 @@ class _Run:
                 "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri,
                 "vitpipe.config_sha": _sha(self.cfg.model_dump(mode="json"))}
         self.parent = self.tracker.start_run(self.cfg.name, tags)
+        self.open_runs.add(self.parent)
         self.tracker.log_params(self.parent, flatten(self.cfg.model_dump(mode="json")))
         return self.parent
 
@@ -178,12 +198,13 @@ class _Run:
         cached = load_manifest(self.store, node.kind, key)
         run_id = self.tracker.start_run(node.name, self.lineage_tags(node, cached is not None), self.parent)
         self.child[node.name] = run_id
+        self.open_runs.add(run_id)
         self.tracker.log_params(run_id, flatten(node.cfg.model_dump(mode="json", by_alias=True)))
         if cached is None:
             self.waiting.append(node)
             return
         self.tracker.log_metrics(run_id, cached.metrics)
-        self.tracker.finish(run_id)
+        self.finish(run_id)
         self.outcomes[node.name] = NodeOutcome(node, key, "cached", manifest=cached)
         self.progress.print(f"  cached   {node.name}  ({key[:12]})")
 
@@ -222,7 +243,7 @@ class _Run:
     def skip(self, node: Node) -> None:
         message = "an upstream node failed"
         self.outcomes[node.name] = NodeOutcome(node, self.keys[node.name], "skipped", error=message)
-        self.tracker.finish(self.child[node.name], "KILLED")
+        self.finish(self.child[node.name], "KILLED")
         self.progress.print(f"  skipped  {node.name}: {message}")
 
     def collect(self, ref: Any) -> None:
@@ -235,19 +256,19 @@ class _Run:
             message = _one_line(err)
             self.outcomes[node.name] = NodeOutcome(node, key, "failed", seconds, error=message)
             self.tracker.set_tags(run_id, {"vitpipe.error": message[:5000]})
-            self.tracker.finish(run_id, "FAILED")
+            self.finish(run_id, "FAILED")
             self.progress.print(f"  failed   {node.name}: {message}")
             return
         if manifest.mlflow_run_id != run_id:  # committed by a concurrent runner while this one waited
             self.tracker.set_tags(run_id, {"vitpipe.cached": "yes",
                                            "vitpipe.computed_by": manifest.mlflow_run_id or "unknown"})
             self.tracker.log_metrics(run_id, manifest.metrics)
-            self.tracker.finish(run_id)
+            self.finish(run_id)
             self.outcomes[node.name] = NodeOutcome(node, key, "cached", seconds, manifest=manifest)
             self.progress.print(f"  reused   {node.name}  ({key[:12]}, computed by another runner)")
             return
         self.outcomes[node.name] = NodeOutcome(node, key, "ran", seconds, manifest=manifest)
-        self.tracker.finish(run_id)
+        self.finish(run_id)
         headline = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items() if "accuracy" in k)
         self.progress.print(f"  done     {node.name}  {seconds:6.1f}s  {headline}")
 
@@ -292,9 +313,9 @@ class _Run:
                 for n in nodes]
 
     def execute(self) -> RunSummary:
-        self.start_parent()
-        self.out.write(f"vitpipe: run {self.parent} of {self.cfg.name!r}: {len(self.nodes)} nodes\n")
         try:
+            self.start_parent()
+            self.out.write(f"vitpipe: run {self.parent} of {self.cfg.name!r}: {len(self.nodes)} nodes\n")
             for node in self.nodes:
                 self.open_node(node)
             if self.waiting:
@@ -302,13 +323,14 @@ class _Run:
                 try:
                     self.follow()
                 finally:
-                    ray.kill(self.env_base["board"])
-        except BaseException:
-            self.tracker.finish(self.parent, "FAILED")
+                    if "board" in self.env_base:
+                        ray.kill(self.env_base["board"])
+            summary = RunSummary(self.parent, [self.outcomes[n.name] for n in self.nodes])
+            self.record(summary)
+            self.finish(self.parent, "FINISHED" if summary.ok else "FAILED")
+        except BaseException as err:
+            self.end_open_runs("KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED")
             raise
-        summary = RunSummary(self.parent, [self.outcomes[n.name] for n in self.nodes])
-        self.record(summary)
-        self.tracker.finish(self.parent, "FINISHED" if summary.ok else "FAILED")
         return summary
 
     def record(self, summary: RunSummary) -> None:

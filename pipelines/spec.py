@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.retry import RetryPolicy
 from cluster.submit import SubmitConfig
@@ -42,6 +43,10 @@ class RayConfig(Frozen):
                                "warning); false for autoscaling clusters whose GPU nodes start on demand")
 
 
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+TRACKING_URI = re.compile(r"^(https?://|sqlite:///|databricks|(postgresql|mysql|mssql)(\+\w+)?://)")
+
+
 class PipelineConfig(Frozen):
     name: str = "vitpipe"
     seed: int = 0
@@ -56,6 +61,39 @@ class PipelineConfig(Frozen):
     corpus: DatasetSpec | None = None
     tasks: dict[str, DatasetSpec]
     stages: Stages = Stages()
+
+    @field_validator("work_dir")
+    @classmethod
+    def _local_work_dir(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(f"{value!r}: work_dir is a local folder (the SQLite MLflow DB and Ray Train's local "
+                             "checkpoints live there); put artifacts in S3 with `store: s3://bucket/prefix`")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, value: str | None) -> str | None:
+        scheme = value.partition("://")[0] if value and "://" in value else None
+        if scheme is not None and scheme != "s3":
+            raise ValueError(f"{value!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://")
+        return value
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: str | None) -> str | None:
+        if value is not None and not TRACKING_URI.match(value):
+            raise ValueError(f"{value!r}: an MLflow tracking URI is http(s)://HOST[:PORT], sqlite:///PATH, "
+                             "databricks or a database URL such as postgresql://...")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        for name in tasks:  # a task name becomes part of MLflow run names, metric keys and registry names
+            if not TASK_NAME.fullmatch(name):
+                raise ValueError(f"task name {name!r}: use letters, digits, '_' and '-' (starting with a letter "
+                                 "or digit)")
+        return tasks
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

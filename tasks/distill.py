@@ -20,11 +20,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cluster.context import StageContext, StageResult
-from cluster.manifest import Manifest, read_weights
+from cluster.manifest import Manifest
 from cluster.train import DataContext, Recipe, Resources, TensorBatches, TrainJob, fit
 from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
 from models.tome import apply_tome, set_tome_r
 from models.vit import ViTSpec
+from tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
 from tasks.classification import cached_split, normalize
 from tasks.config import Frozen, paper_train
 
@@ -56,14 +57,12 @@ def effective_max_r(backbone: VisionTransformer, max_r: int) -> int:
     return max(1, min(max_r, backbone.patch_embed.num_patches // 2))
 
 
-def build_backbone(spec: ViTSpec, encoder: dict[str, torch.Tensor] | None, seed: int) -> VisionTransformer:
-    """The backbone without a head: the pretrained encoder when given, else a seeded random init."""
+def build_backbone(spec: ViTSpec, encoder: BackboneWeights | None, seed: int) -> VisionTransformer:
+    """The backbone without a head: the starting weights when given, else a seeded random init."""
     torch.manual_seed(seed)
     model = spec.build(num_classes=0)
     if encoder is not None:
-        missing, unexpected = model.load_state_dict(encoder, strict=False)
-        if missing or any(not k.startswith("head.") for k in unexpected):
-            raise ValueError(f"backbone does not fit {spec.arch}: missing {missing}, unexpected {unexpected}")
+        encoder.load_into(model, spec.arch)
     return model
 
 
@@ -97,7 +96,7 @@ class SelfDistillation(nn.Module):
         return teacher, self.features(x, n, (m, n))
 
 
-def build_self_distillation(cfg: DistillNode, max_r: int, encoder: dict[str, torch.Tensor] | None,
+def build_self_distillation(cfg: DistillNode, max_r: int, encoder: BackboneWeights | None,
                             seed: int) -> SelfDistillation:
     """The model every Ray Train worker builds: same seed, same backbone, same initial ToCom."""
     backbone = build_backbone(cfg.backbone, encoder, seed)
@@ -163,7 +162,7 @@ def heldout_kl(model: SelfDistillation, x: torch.Tensor, pairs: list[tuple[int, 
     return {**total, "heldout_kl_ratio": total["heldout_kl_with"] / max(total["heldout_kl_without"], 1e-12)}
 
 
-def evaluate_distillation(cfg: DistillNode, encoder: dict[str, torch.Tensor] | None, seed: int, uri: str,
+def evaluate_distillation(cfg: DistillNode, encoder: BackboneWeights | None, seed: int, uri: str,
                           pairs: list[tuple[int, int]], model: SelfDistillation) -> dict[str, float]:
     """Rank 0, at each checkpoint: held-out KL, and whether the backbone still equals its initial weights."""
     reference = build_backbone(cfg.backbone, encoder, seed).state_dict()
@@ -176,10 +175,8 @@ def evaluate_distillation(cfg: DistillNode, encoder: dict[str, torch.Tensor] | N
 
 def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> StageResult:
     uri, size = inputs["corpus"].outputs["uri"], cfg.backbone.img_size
-    encoder = None
-    if "backbone" in inputs:
-        encoder = read_weights(ctx.store, inputs["backbone"], "encoder.safetensors")
-    backbone_kind = "pretrained" if encoder is not None else "random-init"
+    encoder = starting_weights(ctx.store, inputs, cfg.backbone)
+    backbone_kind = backbone_tag(encoder)
     ctx.set_tags({"backbone": backbone_kind})
     max_r = effective_max_r(build_backbone(cfg.backbone, encoder, ctx.seed), cfg.max_r)
     pairs = degree_pairs(max_r)
@@ -210,5 +207,5 @@ def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> Sta
         **{k: v for k, v in result.metrics.items() if k.startswith("final_")},
     }
     outputs = {"max_r": max_r, "rho": cfg.rho, "scale": cfg.scale, "pairs": len(pairs),
-               "backbone": backbone_kind, "backbone_key": inputs["backbone"].key if encoder is not None else None}
+               "backbone": backbone_kind, "backbone_key": backbone_identity(inputs, cfg.backbone)}
     return StageResult(metrics=metrics, outputs=outputs)

@@ -19,6 +19,8 @@ from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
 from models.tocom import TOCOM_SCALES, ToComPlug, load_tocom, plug, unplug
 from models.tome import apply_tome, set_tome_r
+from models.vit import ViTSpec
+from tasks.backbone import backbone_identity
 from tasks.classification import accuracy
 from tasks.config import Frozen
 from tasks.finetune import FinetuneNode, load_task_model
@@ -78,10 +80,10 @@ def plot_accuracy(rows: list[dict[str, Any]], r_src: int, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _check_backbones(ctx: StageContext, inputs: dict[str, Manifest]) -> None:
+def check_backbones(ctx: StageContext, inputs: dict[str, Manifest], spec: ViTSpec) -> None:
     """The ToCom must come from the backbone the task model was fine-tuned from."""
     tocom_from = inputs["tocom"].outputs.get("backbone_key")
-    task_from = inputs["backbone"].key if "backbone" in inputs else None
+    task_from = backbone_identity(inputs, spec)
     if tocom_from != task_from:
         raise ValueError(f"ToCom {inputs['tocom'].key} was distilled on backbone {tocom_from}, "
                          f"the task model was fine-tuned from {task_from}")
@@ -92,7 +94,7 @@ def _check_backbones(ctx: StageContext, inputs: dict[str, Manifest]) -> None:
 
 def run(ctx: StageContext, cfg: EvaluateNode, inputs: dict[str, Manifest]) -> StageResult:
     """inputs: "model" (finetune), "data", "tocom" (distill), optional "backbone" (the pretrained encoder)."""
-    _check_backbones(ctx, inputs)
+    check_backbones(ctx, inputs, cfg.model.backbone)
     r_src, uri, size = cfg.model.r_src, inputs["data"].outputs["uri"], cfg.model.backbone.img_size
     model = apply_tome(load_task_model(ctx.store, cfg.model, inputs, ctx.seed), r_src)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()

@@ -21,6 +21,7 @@ from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJo
 from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
 from models.vit import ViTSpec
+from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
 from tasks.classification import accuracy, cached_split, classification_loss, flip
 from tasks.config import Frozen
 
@@ -97,17 +98,13 @@ class FinetuneNode(FinetuneConfig):
         return self.train if self.method.lr is None else self.train.model_copy(update={"lr": self.method.lr})
 
 
-def build_model(cfg: FinetuneNode, num_classes: int, backbone: dict[str, torch.Tensor] | None,
-                seed: int) -> nn.Module:
-    """The task model: the pipeline's backbone (pretrained when given), a new head, the method applied;
-    head and method initialisation follow `seed`."""
+def build_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int) -> nn.Module:
+    """The task model: the backbone (starting weights when given), a new head, the method applied; head and
+    method initialisation follow `seed`."""
     torch.manual_seed(seed)
     model = cfg.backbone.build(num_classes=num_classes)
     if backbone is not None:
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise ValueError(f"backbone does not fit {cfg.backbone.arch}: missing {missing}, "
-                             f"unexpected {unexpected}")
+        backbone.load_into(model, cfg.backbone.arch)
     model = PEFT_METHODS[cfg.method.name].apply(model, cfg.method.config())
     return apply_tome(model, cfg.r_src) if cfg.r_src else model
 
@@ -115,9 +112,7 @@ def build_model(cfg: FinetuneNode, num_classes: int, backbone: dict[str, torch.T
 def load_task_model(store: ArtifactStore, cfg: FinetuneNode, inputs: dict[str, Manifest], seed: int) -> nn.Module:
     """The fine-tuned task model of a finetune node (`inputs`: its "model" manifest, its "data" manifest
     and the pipeline's "backbone" manifest when there is one), in eval mode."""
-    backbone = None
-    if "backbone" in inputs:
-        backbone = read_weights(store, inputs["backbone"], "encoder.safetensors")
+    backbone = starting_weights(store, inputs, cfg.backbone)
     model = build_model(cfg, len(inputs["data"].outputs["classes"]), backbone, seed)
     PEFT_METHODS[cfg.method.name].load_delta(model, read_weights(store, inputs["model"], "delta.safetensors"))
     return model.eval()
@@ -130,10 +125,8 @@ def _val_accuracy(uri: str, size: int, model: nn.Module) -> dict[str, float]:
 def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> StageResult:
     data = inputs["data"].outputs
     uri, num_classes, size = data["uri"], len(data["classes"]), cfg.backbone.img_size
-    backbone = None
-    if "backbone" in inputs:
-        backbone = read_weights(ctx.store, inputs["backbone"], "encoder.safetensors")
-    ctx.set_tags({"backbone": "pretrained" if backbone is not None else "random-init"})
+    backbone = starting_weights(ctx.store, inputs, cfg.backbone)
+    ctx.set_tags({"backbone": backbone_tag(backbone)})
     recipe = Recipe(
         build_model=functools.partial(build_model, cfg, num_classes, backbone, ctx.seed),
         data=TensorBatches(functools.partial(cached_split, uri, "train", size), flip if cfg.augment else None),

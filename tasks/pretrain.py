@@ -21,6 +21,7 @@ from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, Tra
 from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
 from models.vit import ViTSpec
 from tasks.augment import contrastive_view, mim_view
+from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
 from tasks.classification import cached_split, normalize
 from tasks.config import Frozen, paper_train
 from tasks.data import ray_dataset
@@ -50,9 +51,12 @@ class PretrainNode(PretrainConfig):
 class PretrainModel(nn.Module):
     """The encoder and the objective's decoders/heads as one module, so one optimizer trains both."""
 
-    def __init__(self, backbone: ViTSpec, objective: PretrainObjectiveConfig) -> None:
+    def __init__(self, backbone: ViTSpec, objective: PretrainObjectiveConfig,
+                 init: BackboneWeights | None = None) -> None:
         super().__init__()
         self.vit = backbone.build(num_classes=0)
+        if init is not None:  # continued pretraining from `backbone.weights`
+            init.load_into(self.vit, backbone.arch)
         self.objective = PretrainObjective(self.vit, objective)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -104,7 +108,8 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
         datasets = {"train": ray_dataset(corpus, size, "train")}
     else:
         data, datasets = TensorBatches(functools.partial(cached_split, corpus, "train", size), views), {}
-    recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective), data, pretrain_loss)
+    init = starting_weights(ctx.store, {}, cfg.backbone)  # continued pretraining when backbone.weights is set
+    recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective, init), data, pretrain_loss)
     started = time.perf_counter()
     result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger(), datasets=datasets))
@@ -124,5 +129,9 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
             task, uri = role.removeprefix(PROBE_PREFIX), manifest.outputs["uri"]
             metrics[f"probe_accuracy.{task}"] = linear_probe(model.vit, uri, size)
             metrics[f"probe_accuracy_random_init.{task}"] = linear_probe(random_vit, uri, size)
-    ctx.set_tags({"backbone": "pretrained-here", "objective.weights": str(dict(cfg.objective.weights))})
+            if init is not None:
+                metrics[f"probe_accuracy_start.{task}"] = linear_probe(PretrainModel(
+                    cfg.backbone, cfg.objective, init).vit, uri, size)
+    ctx.set_tags({"backbone": "pretrained-here", "vitpipe.backbone.start": backbone_tag(init),
+                  "objective.weights": str(dict(cfg.objective.weights))})
     return StageResult(metrics=metrics, outputs={"arch": cfg.backbone.arch, "img_size": size})

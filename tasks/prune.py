@@ -33,6 +33,7 @@ from models.tocom import TOCOM_SCALES, load_tocom
 from models.tome import apply_tome, tome_r
 from tasks.classification import accuracy, cached_split, classification_loss, flip
 from tasks.config import Frozen, paper_train
+from tasks.evaluate import check_backbones
 from tasks.finetune import FinetuneNode, load_task_model
 
 # tasks.classification.normalize maps uint8 x to x / 127.5 - 1, i.e. (x / 255 - 0.5) / 0.5 per channel.
@@ -131,11 +132,7 @@ def merge_tocom(ctx: StageContext, cfg: PruneNode, model: VisionTransformer, str
     """Fold ToCom Delta(r_src -> r_tgt) into the q / v weights at the scale best on val; None without ToCom."""
     if "tocom" not in inputs or r_src == r_tgt:
         return None
-    tocom_from = inputs["tocom"].outputs.get("backbone_key")
-    task_from = inputs["backbone"].key if "backbone" in inputs else None
-    if tocom_from != task_from:
-        raise ValueError(f"ToCom {inputs['tocom'].key} was distilled on backbone {tocom_from}, "
-                         f"the task model was fine-tuned from {task_from}")
+    check_backbones(ctx, inputs, cfg.model.backbone)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
     uri, size = inputs["data"].outputs["uri"], cfg.model.backbone.img_size
     delta = (min(r_src, tocom.max_r), min(r_tgt, tocom.max_r))

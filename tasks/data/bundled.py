@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,19 @@ def textures(seed: int) -> SourceData:
     provenance = {"images": [f"skimage:{name}" for name in TEXTURES], "crop": CROP_SIZE,
                   "split_bands": bands, "seed": seed, "counts": counts}
     return SourceData(TEXTURES, counts, records, provenance)
+
+
+def write_imagefolder(data: SourceData, root: str | Path, per_class: int | None = None) -> dict[str, int]:
+    """Write a labeled source as an ImageFolder of JPEGs (ROOT/<class>/<split>-<n>.jpg), e.g. to try the
+    "your own data" walk-through on real images; at most `per_class` images per class. Returns the counts."""
+    root = Path(root)
+    written = dict.fromkeys(data.classes, 0)
+    for encoded, label, split in data.records:
+        cls = data.classes[label]
+        if per_class is not None and written[cls] >= per_class:
+            continue
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        image = Image.open(io.BytesIO(encoded)).convert("RGB")
+        image.save(root / cls / f"{split}-{written[cls]:04d}.jpg", quality=95)
+        written[cls] += 1
+    return written

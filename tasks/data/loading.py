@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cluster.fs import arrow_filesystem
 from tasks.data.shards import DataError, base_name, dataset_meta, shard_paths
@@ -34,6 +34,9 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
 def _decode_or_raise(data: bytes, image_size: int, where: str) -> np.ndarray:
     try:
         return decode_image(data, image_size)
+    except UnidentifiedImageError:  # its message shows a BytesIO repr, not the file
+        raise DataError(f"{where}: cannot decode image (not an image format PIL recognises; {len(data)} bytes, "
+                        f"starting {data[:8]!r})") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise DataError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from err
 

@@ -67,7 +67,8 @@ def _vtab_sources(tmp_path: Path) -> tuple[str, ...]:
     cfg = yaml.safe_load((DEMO.parent / "vtab1k.yaml").read_text())
     for task in cfg["tasks"]:
         (tmp_path / task).mkdir()
-    return tuple(f"tasks.{task}.source=vtab1k:{tmp_path / task}" for task in cfg["tasks"])
+    sources = tuple(f"tasks.{task}.source=vtab1k:{tmp_path / task}" for task in cfg["tasks"])
+    return (*sources, "backbone.weights=null")  # timm's hub is not reachable here
 
 
 def _imagefolder(root: Path, classes: tuple[str, ...] = ("cats", "dogs")) -> Path:
@@ -134,3 +135,30 @@ def test_bad_values_fail_when_the_pipeline_is_planned(override: str, message: st
     one_class = _imagefolder(tmp_path / "one", ("cats",))
     with pytest.raises(ConfigError, match=message):
         build_dag(load_config(DEMO, (override.format(one_class=one_class),)))
+
+
+def test_backbone_weights_sha256_goes_into_every_downstream_key(tmp_path: Path) -> None:
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from models.vit import ViTSpec
+
+    path = tmp_path / "encoder.safetensors"
+    torch.manual_seed(1)
+    save_file(ViTSpec().build().state_dict(), str(path))
+    cfg = load_config(DEMO, (f"backbone.weights={path}",))
+    nodes = build_dag(cfg)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert {n.cfg.backbone.weights_sha256 for n in nodes if hasattr(n.cfg, "backbone")} == {sha}
+    before = keys(f"backbone.weights={path}")
+    torch.manual_seed(2)
+    save_file(ViTSpec().build().state_dict(), str(path))
+    after = keys(f"backbone.weights={path}")
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {name for name in before if not name.startswith("data/")}
+    with pytest.raises(ConfigError, match=r"backbone\.weights_sha256: .* not the pinned 0000"):
+        build_dag(load_config(DEMO, (f"backbone.weights={path}", "backbone.weights_sha256='0000'")))
+    with pytest.raises(ConfigError, match=r"^backbone\.weights: "):
+        build_dag(load_config(DEMO, (f"backbone.weights={tmp_path / 'missing.safetensors'}",)))
