@@ -213,7 +213,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         counts = write_imagefolder(data, args.out, args.per_class)
         print(f"{args.out}: {', '.join(f'{cls} {n}' for cls, n in counts.items())} JPEGs")
         return 0
-    info = prepare(args.source, args.out, seed=args.seed)
+    try:
+        info = prepare(args.source, args.out, seed=args.seed)
+    except OSError as err:  # pyarrow: S3 unreachable or refusing, disk full, no permission
+        raise DataError(f"--out {args.out}: cannot write the shards: {str(err).splitlines()[0]}") from None
     counts = ", ".join(f"{k} {v}" for k, v in info.counts.items())
     print(f"{info.uri}: {info.source}, {len(info.classes)} classes, {counts}; fingerprint {info.fingerprint}")
     return 0

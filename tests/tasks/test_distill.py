@@ -9,12 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-from cluster.manifest import Manifest, StageWriter, read_bytes, read_weights
+from cluster.manifest import Manifest, StageWriter, read_bytes
 from cluster.store import LocalStore
 from cluster.train import DataContext, TensorBatches
 from models.tocom import load_tocom
 from models.vit import ViTSpec
 from tasks import distill, evaluate, finetune, prepare
+from tasks.backbone import starting_weights
 from tasks.distill import (
     DistillNode,
     WithDegreePairs,
@@ -106,7 +107,7 @@ def test_stored_tocom_loads_back_and_reproduces_the_reported_kl(world: dict, dis
     tocom = load_tocom(read_bytes(world["store"], manifest, "tocom.safetensors"))
     assert (tocom.depth, tocom.width, tocom.rho, tocom.max_r) == (4, 64, 2, MAX_R)
     assert any(block.b_q.weight.any() for block in tocom.blocks)  # B starts at zero: it trained
-    encoder = read_weights(world["store"], world["backbone"], "encoder.safetensors")
+    encoder = starting_weights(world["store"], {"backbone": world["backbone"]}, cfg.backbone)
     model = build_self_distillation(cfg, MAX_R, encoder, seed=0)
     model.token_compensator.load_state_dict(tocom.state_dict())
     held = corpus(world["corpus"].outputs["uri"], 32, cfg.heldout, "heldout")[0]

@@ -1,0 +1,39 @@
+"""Structured pruning of timm ViTs: MLP hidden units (fc1 rows / fc2 columns) and attention heads (qkv rows /
+proj columns), by ResRep (compactors) or C-SGD (centripetal clusters); METHODS.md section 6.
+
+Life cycle, the same for both methods:
+    pruner = PRUNERS["resrep"]
+    pruner.prepare(model, PruneSettings(keep_ratio=0.5))   # in place: compactors / centripetal layers
+    ... train with the task loss (every parameter may train) ...
+    structure = pruner.convert(model)                       # exact fold into a plain, narrower timm ViT
+The converted model is a timm VisionTransformer whose blocks have narrower fc1/fc2 and fewer heads (attn.num_heads
+smaller, head_dim unchanged); `structure` lists the original indices each block kept.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from timm.models.vision_transformer import VisionTransformer
+
+from models.prune.base import PruneError, PruneSettings, keep_count
+from models.prune.costs import block_widths, count_flops, count_params, merge_tocom_pruned, unpruned_structure
+from models.prune.csgd import CSGD, kmeans
+from models.prune.resrep import Compactor, ResRep
+
+__all__ = ["CSGD", "PRUNERS", "Compactor", "PruneError", "PruneSettings", "Pruner", "ResRep", "block_widths",
+           "count_flops", "count_params", "keep_count", "kmeans", "merge_tocom_pruned", "unpruned_structure"]
+
+
+class Pruner(Protocol):
+    """A structured pruner: `prepare` adds its trainable structure in place, training with the task loss makes
+    that structure exact, `convert` folds it into a plain, narrower timm ViT and returns the kept units."""
+
+    name: str
+
+    def prepare(self, model: VisionTransformer, cfg: PruneSettings) -> VisionTransformer: ...
+
+    def convert(self, model: VisionTransformer) -> list[dict[str, list[int]]]: ...
+
+
+PRUNERS: dict[str, Pruner] = {"resrep": ResRep(), "csgd": CSGD()}
