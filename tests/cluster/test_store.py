@@ -9,10 +9,10 @@ import time
 import pytest
 
 from cluster.retry import RetryPolicy
+from cluster.s3store import S3Store
 from cluster.store import (
     ArtifactStore,
     LocalStore,
-    S3Store,
     StoreError,
     StoreUnavailable,
     check_writable,
