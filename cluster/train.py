@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -24,8 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# DeepSpeed's fault-tolerance checkpoints are written and read only by the workers of one Ray Train
-# run, inside its own storage path; every artifact that leaves a stage is safetensors.
+from cluster.checkpoints import CheckpointError, verify_checkpoint, write_digests
+
+log = logging.getLogger("vitpipe.train")
+
+# DeepSpeed's fault-tolerance checkpoints (pickles) are written and read only by the workers of one Ray
+# Train run, inside its own storage path, and loaded only after their digests verify; every artifact that
+# leaves a stage is safetensors.
 DS_TAG = "step"
 
 
@@ -276,7 +282,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
-    state = _resume(engine)
+    state = _resume(engine, rank)
     data = recipe.data(
         DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
                     state["step"], cfg.steps, job.seed)
@@ -304,12 +310,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 job.on_log(done, cfg.steps, metrics)
         state["history"].append({"step": done, **{k: v for k, v in metrics.items() if k in sums}})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _checkpoint(engine, recipe, state, done, rank)
+            _checkpoint(engine, recipe, state, done, rank, world)
     if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
-        _checkpoint(engine, recipe, state, cfg.steps, rank)
+        _checkpoint(engine, recipe, state, cfg.steps, rank, world)
 
 
-def _resume(engine: Any) -> dict[str, Any]:
+def _resume(engine: Any, rank: int) -> dict[str, Any]:
+    """Restore from Ray Train's latest checkpoint if it is intact (verified before DeepSpeed unpickles
+    it), else start from step 0: a damaged checkpoint is never trusted, whatever the cause."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -317,6 +325,12 @@ def _resume(engine: Any) -> dict[str, Any]:
     if checkpoint is None:
         return state
     with checkpoint.as_directory() as d:
+        try:
+            verify_checkpoint(d)
+        except CheckpointError as err:
+            if rank == 0:
+                log.warning("ignoring checkpoint %s, training from scratch: %s", checkpoint.path, err)
+            return state
         _, client = engine.load_checkpoint(d, tag=DS_TAG)
         state.update(step=client["step"], history=client["history"], best=client["best"])
         best = Path(d) / "best.safetensors"
@@ -325,8 +339,9 @@ def _resume(engine: Any) -> dict[str, Any]:
     return state
 
 
-def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, rank: int) -> None:
-    """Evaluate (rank 0), keep the best trainable state, save a DeepSpeed checkpoint, report."""
+def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, rank: int, world: int) -> None:
+    """Evaluate (rank 0), keep the best trainable state, save a DeepSpeed checkpoint with this rank's
+    digests, report."""
     import ray.train
 
     evaluation: dict[str, float] = {}
@@ -346,6 +361,7 @@ def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, r
             save_file(state["best_state"], os.path.join(d, "best.safetensors"))
             Path(d, "result.json").write_text(json.dumps(
                 {"step": step, "history": state["history"], "best": state["best"]}))
+        write_digests(d, rank, world)
         ray.train.report({"step": step, **evaluation}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -365,10 +381,21 @@ def _batch_len(batch: Any) -> int:
     return int(batch.shape[0])
 
 
+def _read_result(checkpoint: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(result.json, best.safetensors) of the final checkpoint, once it is verified intact."""
+    with checkpoint.as_directory() as d:
+        try:
+            verify_checkpoint(d)
+        except CheckpointError as err:
+            raise CheckpointError(f"final checkpoint {checkpoint.path}: {err}") from None
+        return json.loads(Path(d, "result.json").read_text()), load_file(str(Path(d) / "best.safetensors"))
+
+
 def fit(job: TrainJob) -> TrainResult:
     """Train `job.recipe` on `job.resources.num_workers` Ray Train workers; resume if interrupted.
 
-    Re-running a job with the same name and storage path continues from its last checkpoint.
+    Re-running a job with the same name and storage path continues from its last checkpoint if that
+    is intact, else starts over (cluster/checkpoints.py); the final checkpoint is verified before use.
     Returns the best (or last) trainable state, the per-step loss history and final metrics.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -395,9 +422,7 @@ def fit(job: TrainJob) -> TrainResult:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        summary = json.loads(Path(d, "result.json").read_text())
-        state = load_file(str(Path(d) / "best.safetensors"))
+    summary, state = _read_result(result.checkpoint)
     best = {k: v for k, v in (summary["best"] or {}).items() if isinstance(v, int | float)}
     last = summary["history"][-1] if summary["history"] else {}
     metrics = {f"final_{k}": v for k, v in last.items() if k != "step"}

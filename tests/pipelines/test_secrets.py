@@ -76,10 +76,9 @@ def test_sentinel_secrets_appear_in_no_output(s3_endpoint: str, s3_bucket: str, 
                *files_under(server_root), *files_under(ray_tmp), *files_under(work)]
     names = [name for name, _ in outputs]
     # The grep sees what the run wrote: manifests and MLflow artifacts on S3, the runs in MLflow's
-    # database, Ray's session logs, the checkpoints, the console.
+    # database, Ray's session logs, the console (a stage's checkpoints are deleted when it commits).
     assert any(n.endswith("/manifest.json") and "/stages/finetune/" in n for n in names)
     assert any("/mlflow-artifacts/" in n and n.endswith("summary.json") for n in names)
-    assert any("/ray-train/" in n for n in names)
     assert b"secrets-canary" in dict(outputs)[str(server_root / "mlflow.db")]
     assert any("/logs/" in n and "raylet" in n for n in names)
     assert b"MLflow run" in done.stdout

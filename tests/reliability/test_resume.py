@@ -1,0 +1,163 @@
+"""Re-running a finished training run whose newest checkpoint was damaged, truncated or planted: the run
+must train again from scratch (never return or unpickle the bad state) and say which file was wrong."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+from torch import nn
+
+from cluster.checkpoints import CheckpointError
+from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, _read_result, fit
+
+pytestmark = pytest.mark.reliability
+
+NAME = "stage-key"  # a stage's Ray Train run is named after its key: every re-run finds the same folder
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x[:256], dtype=torch.float32) / 16.0, torch.tensor(y[:256])
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10))
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y), {}
+
+
+def _accuracy(model: nn.Module) -> dict[str, float]:
+    x, y = _digits()
+    return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
+
+
+class _LoggedSteps:
+    """on_log (rank 0): appends each logged step to a file, so the test sees which steps were trained."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, step: int, steps: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{step}\n")
+
+
+def _job(storage: Path, logged: Path) -> TrainJob:
+    cfg = TrainConfig(steps=4, batch_size=32, lr=1e-2, warmup_steps=1, checkpoint_every=2, log_every=2,
+                      max_failures=0)
+    recipe = Recipe(_mlp, TensorBatches(_digits), _loss, evaluate=_accuracy, select_metric="accuracy")
+    return TrainJob(NAME, recipe, cfg, Resources(num_workers=1), str(storage), seed=3, on_log=_LoggedSteps(logged))
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """One complete run, its Ray Train folder kept as the pristine copy each test damages."""
+    tmp = tmp_path_factory.mktemp("finished")
+    return tmp / "ray", fit(_job(tmp / "ray", tmp / "logged"))
+
+
+def _newest_checkpoint(storage: Path) -> Path:
+    return max(p for p in (storage / NAME).glob("checkpoint_*") if p.is_dir())  # named by time
+
+
+@pytest.fixture
+def rerun(finished, tmp_path: Path):
+    """(newest checkpoint of a copy of the finished run, re-run it -> (result, logged steps))."""
+    storage = tmp_path / "ray"
+    shutil.copytree(finished[0] / NAME, storage / NAME)
+    newest = _newest_checkpoint(storage)
+
+    def again():
+        logged = tmp_path / "logged"
+        result = fit(_job(storage, logged))
+        return result, logged.read_text().split() if logged.exists() else []
+
+    return newest, again
+
+
+def _warnings(checkpoint: Path) -> list[str]:
+    """Lines about `checkpoint` in the Ray Train worker logs of this session."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path(), "logs", "train")
+    return [line for f in logs.glob("ray-train-app-worker-*.log")
+            for line in f.read_text(errors="replace").splitlines() if str(checkpoint) in line]
+
+
+def _assert_trained_from_scratch(result, logged: list[str], finished) -> None:
+    assert logged == ["2", "4"], "the re-run did not train every step again"
+    reference = finished[1]
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    for name, value in reference.state.items():
+        assert value.abs().sum() > 0 and torch.allclose(result.state[name], value, atol=1e-5), name
+
+
+def test_an_intact_checkpoint_is_restored_not_retrained(rerun, finished) -> None:
+    """The control that keeps the tests below honest: verification does not reject a good checkpoint."""
+    newest, again = rerun
+    result, logged = again()
+    assert logged == [] and not _warnings(newest)
+    for name, value in finished[1].state.items():
+        assert torch.equal(result.state[name], value), name
+
+
+def test_zeroed_best_weights_are_not_resumed_but_retrained(rerun, finished) -> None:
+    newest, again = rerun
+    best = newest / "best.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(best)).items()}, str(best))
+    result, logged = again()
+    _assert_trained_from_scratch(result, logged, finished)
+    warned = _warnings(newest)
+    assert len(warned) == 1 and "best.safetensors: sha256" in warned[0] and "from scratch" in warned[0], warned
+
+
+class _Planted:
+    """Unpickling this writes a marker file: what a planted checkpoint could do in a training worker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('unpickled')",)
+
+
+def test_a_planted_pickle_is_never_unpickled(rerun, finished, tmp_path: Path) -> None:
+    newest, again = rerun
+    marker = tmp_path / "unpickled"
+    torch.save(_Planted(marker), newest / "step" / "mp_rank_00_model_states.pt")
+    try:
+        result, logged = again()
+    finally:  # checked first: a worker that unpickled it may also have failed
+        assert not marker.exists(), "DeepSpeed unpickled the planted checkpoint"
+    _assert_trained_from_scratch(result, logged, finished)
+    assert any("mp_rank_00_model_states.pt" in line for line in _warnings(newest))
+
+
+def test_a_truncated_checkpoint_is_ignored(rerun, finished) -> None:
+    newest, again = rerun
+    states = newest / "step" / "mp_rank_00_model_states.pt"  # what a full disk leaves behind
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    result, logged = again()
+    _assert_trained_from_scratch(result, logged, finished)
+    assert any("mp_rank_00_model_states.pt" in line and "bytes" in line for line in _warnings(newest))
+
+
+def test_fit_verifies_the_final_checkpoint_before_reading_it(finished, tmp_path: Path) -> None:
+    import ray.train
+
+    final = tmp_path / "final"
+    shutil.copytree(_newest_checkpoint(finished[0]), final)
+    summary, state = _read_result(ray.train.Checkpoint.from_directory(str(final)))
+    assert summary["step"] == 4 and state.keys() == finished[1].state.keys()
+    (final / "result.json").write_text('{"step": 4, "history": [], "best": null}')
+    with pytest.raises(CheckpointError, match="final checkpoint .*result.json: "):
+        _read_result(ray.train.Checkpoint.from_directory(str(final)))
