@@ -26,13 +26,17 @@ class StageContext:
     train_storage: str
     board: Any = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("vitpipe.stage"))
+    train_runs: list[str] = field(default_factory=list)  # Ray Train runs of this stage, removed on commit
+
+    def train_run(self, phase: str | None = None) -> str:
+        """The Ray Train run name of one training phase of this stage (its key, or key-phase): a re-run of the
+        same key resumes it from its last verified checkpoint."""
+        name = self.key if phase is None else f"{self.key}-{phase}"
+        self.train_runs.append(name)
+        return name
 
     def step_logger(self) -> StepLogger:
         return StepLogger(self.tracker, self.run_id, self.node, self.board)
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        if self.tracker and self.run_id:
-            self.tracker.log_metrics(self.run_id, metrics, step)
 
     def log_artifact(self, name: str, data: bytes) -> None:
         if self.tracker and self.run_id:

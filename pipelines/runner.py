@@ -89,7 +89,8 @@ def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream
         manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
                                  timings={"seconds": time.perf_counter() - started, "started_at": started_at,
                                           "finished_at": time.time()})
-        discard_train_run(env.train_storage, key, env.retry)  # a re-run of a deleted manifest starts over
+        for name in dict.fromkeys([key, *ctx.train_runs]):  # a re-run of a deleted manifest starts over
+            discard_train_run(env.train_storage, name, env.retry)
     env.tracker.log_metrics(env.run_id, result.metrics)
     env.tracker.log_bytes(env.run_id, "manifest.json", canonical_json(manifest.model_dump(mode="json")))
     return manifest

@@ -19,9 +19,10 @@ from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from cluster.batches import DataContext, TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import DataContext, Recipe, Resources, TensorBatches, TrainJob, fit
+from cluster.train import Recipe, Resources, TrainJob, fit
 from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
 from models.tome import apply_tome, set_tome_r
 from models.vit import ViTSpec
@@ -187,7 +188,7 @@ def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> Sta
         evaluate=functools.partial(evaluate_distillation, cfg, encoder, ctx.seed, uri, pairs),
     )
     started = time.perf_counter()
-    result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
+    result = fit(TrainJob(ctx.train_run(), recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger()))
     train_seconds = time.perf_counter() - started
     if result.metrics.get("backbone_unchanged") != 1.0:

@@ -14,10 +14,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from cluster.batches import TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
 from cluster.store import ArtifactStore
-from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
 from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
 from models.vit import ViTSpec
@@ -135,7 +136,7 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
         select_metric="val_accuracy",
     )
     started = time.perf_counter()
-    result = fit(TrainJob(ctx.key, recipe, cfg.effective_train, cfg.resources, ctx.train_storage, ctx.seed,
+    result = fit(TrainJob(ctx.train_run(), recipe, cfg.effective_train, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger()))
     train_seconds = time.perf_counter() - started
 

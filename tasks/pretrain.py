@@ -15,9 +15,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from cluster.batches import StreamedBatches, TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, TrainJob, fit
+from cluster.train import Recipe, Resources, TrainJob, fit
 from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
 from models.vit import ViTSpec
 from tasks.augment import contrastive_view, mim_view
@@ -111,7 +112,7 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
     init = starting_weights(ctx.store, {}, cfg.backbone)  # continued pretraining when backbone.weights is set
     recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective, init), data, pretrain_loss)
     started = time.perf_counter()
-    result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
+    result = fit(TrainJob(ctx.train_run(), recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger(), datasets=datasets))
     metrics = {"train_seconds": time.perf_counter() - started,
                **{k: v for k, v in result.metrics.items() if k.startswith("final_")}}

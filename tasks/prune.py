@@ -23,9 +23,10 @@ from pydantic import AfterValidator, ConfigDict, Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from cluster.batches import TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
-from cluster.train import Recipe, Resources, TensorBatches, TrainJob, TrainResult, fit
+from cluster.train import Recipe, Resources, TrainJob, TrainResult, fit
 from models.deploy import export
 from models.peft import PEFT_METHODS
 from models.prune import PRUNERS, PruneSettings, block_widths, count_flops, count_params, merge_tocom_pruned
@@ -168,7 +169,7 @@ def prune_and_convert(ctx: StageContext, cfg: PruneNode, baseline: nn.Module, ur
     narrower plain model; returns (pruned model, kept units per block, the training result)."""
     recipe = Recipe(functools.partial(prunable, baseline, cfg.pruner, cfg.settings()), _task_data(cfg, uri, size),
                     classification_loss)
-    result = fit(TrainJob(ctx.key, recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
+    result = fit(TrainJob(ctx.train_run(), recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger()))
     model = prunable(baseline, cfg.pruner, cfg.settings())
     model.load_state_dict(result.state, strict=False)
@@ -188,7 +189,7 @@ def recover(ctx: StageContext, cfg: PruneNode, pruned: nn.Module, uri: str, size
         return pruned, False
     recipe = Recipe(functools.partial(trainable_copy, pruned), _task_data(cfg, uri, size), classification_loss,
                     evaluate=functools.partial(_val_accuracy, uri, size), select_metric="val_accuracy")
-    result = fit(TrainJob(f"{ctx.key}-recover", recipe, cfg.recover, cfg.resources, ctx.train_storage, ctx.seed,
+    result = fit(TrainJob(ctx.train_run("recover"), recipe, cfg.recover, cfg.resources, ctx.train_storage, ctx.seed,
                           on_log=ctx.step_logger()))
     recovered = trainable_copy(pruned)
     recovered.load_state_dict(result.state)

@@ -9,7 +9,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from cluster.train import Recipe, Resources, StreamedBatches, TensorBatches, TrainConfig, TrainJob, fit
+from cluster.batches import StreamedBatches, TensorBatches
+from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 from torch import nn
 
+from cluster.batches import TensorBatches
 from cluster.checkpoints import CheckpointError
-from cluster.train import Recipe, Resources, TensorBatches, TrainConfig, TrainJob, _read_result, fit
+from cluster.train import Recipe, Resources, TrainConfig, TrainJob, _read_result, fit
 
 pytestmark = pytest.mark.reliability
 

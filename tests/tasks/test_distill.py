@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
+from cluster.batches import DataContext, TensorBatches
 from cluster.manifest import Manifest, StageWriter, read_bytes
 from cluster.store import LocalStore
-from cluster.train import DataContext, TensorBatches
 from models.tocom import load_tocom
 from models.vit import ViTSpec
 from tasks import distill, evaluate, finetune, prepare
