@@ -1,5 +1,5 @@
-"""What the classification stages share: cached task splits, input normalisation, flip augmentation, the loss
-and accuracy on a split."""
+"""What the classification stages share: cached task splits, input normalisation, flip augmentation, the loss,
+accuracy on a split, and the head's input features."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def accuracy(model: nn.Module, uri: str, split: str, size: int, batch: int = 256
                for i in range(0, len(x), batch))
     model.train(was_training)
     return hits / len(x)
+
+
+@torch.no_grad()
+def features(vit: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> pooled encoder features (N, C), the head's input, in eval mode."""
+    was_training = vit.training
+    vit.eval()
+    device = next(vit.parameters()).device
+    out = [vit.forward_head(vit.forward_features(normalize(images[i:i + batch]).to(device)), pre_logits=True)
+           for i in range(0, len(images), batch)]
+    vit.train(was_training)
+    return torch.cat(out)

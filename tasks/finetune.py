@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,11 +20,12 @@ from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
 from cluster.store import ArtifactStore
 from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
+from models.heads import fold_whitening, probe_head
 from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
 from models.vit import ViTSpec
 from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
-from tasks.classification import accuracy, cached_split, classification_loss, flip
+from tasks.classification import accuracy, cached_split, classification_loss, features, flip
 from tasks.config import Frozen
 
 
@@ -64,6 +66,9 @@ class FinetuneConfig(Frozen):
     resources: Resources = Resources()
     r_src: int = Field(0, ge=0, description="ToMe degree r_src the task models train at")
     augment: bool = Field(True, description="random horizontal flips")
+    head_init: Literal["probe", "random"] = Field(
+        "probe", description="probe: whitened head input, head started at the linear probe's optimum (LP-FT); "
+        "random: timm's initialisation")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -99,13 +104,18 @@ class FinetuneNode(FinetuneConfig):
         return self.train if self.method.lr is None else self.train.model_copy(update={"lr": self.method.lr})
 
 
-def build_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int) -> nn.Module:
+def build_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int,
+                probe_split: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """The task model: the backbone (starting weights when given), a new head, the method applied; head and
-    method initialisation follow `seed`."""
+    method initialisation follow `seed`. With `probe_split` (the train split's loader) and head_init "probe",
+    the head is whitened and starts at the linear probe's optimum (models/heads.py)."""
     torch.manual_seed(seed)
     model = cfg.backbone.build(num_classes=num_classes)
     if backbone is not None:
         backbone.load_into(model, cfg.backbone.arch)
+    if cfg.head_init == "probe" and probe_split is not None:
+        images, labels = probe_split()
+        model.head = probe_head(model.head, features(model, images), labels)
     model = PEFT_METHODS[cfg.method.name].apply(model, cfg.method.config())
     return apply_tome(model, cfg.r_src) if cfg.r_src else model
 
@@ -128,9 +138,11 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
     uri, num_classes, size = data["uri"], len(data["classes"]), cfg.backbone.img_size
     backbone = starting_weights(ctx.store, inputs, cfg.backbone)
     ctx.set_tags({"backbone": backbone_tag(backbone)})
+    train_split = functools.partial(cached_split, uri, "train", size)
+    build = functools.partial(build_model, cfg, num_classes, backbone, ctx.seed, train_split)
     recipe = Recipe(
-        build_model=functools.partial(build_model, cfg, num_classes, backbone, ctx.seed),
-        data=TensorBatches(functools.partial(cached_split, uri, "train", size), flip if cfg.augment else None),
+        build_model=build,
+        data=TensorBatches(train_split, flip if cfg.augment else None),
         loss=classification_loss,
         evaluate=functools.partial(_val_accuracy, uri, size),
         select_metric="val_accuracy",
@@ -140,8 +152,9 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
                           on_log=ctx.step_logger()))
     train_seconds = time.perf_counter() - started
 
-    model = build_model(cfg, num_classes, backbone, ctx.seed)
+    model = build()
     model.load_state_dict(result.state, strict=False)
+    model.head = fold_whitening(model.head)  # a plain Linear again: the delta fits a plain timm ViT
     method = PEFT_METHODS[cfg.method.name]
     delta = method.delta_state(model)
     metrics = {

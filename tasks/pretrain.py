@@ -23,7 +23,7 @@ from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfi
 from models.vit import ViTSpec
 from tasks.augment import contrastive_view, mim_view
 from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
-from tasks.classification import cached_split, normalize
+from tasks.classification import cached_split, features
 from tasks.config import Frozen, paper_train
 from tasks.data import ray_dataset
 
@@ -76,15 +76,6 @@ def two_views(contrastive: bool, batch: tuple[torch.Tensor, torch.Tensor], gen: 
 
 def pretrain_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     return model(*batch)
-
-
-@torch.no_grad()
-def features(vit: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> pooled, normalised encoder features (N, C)."""
-    vit.eval()
-    out = [vit.forward_head(vit.forward_features(normalize(images[i:i + batch])), pre_logits=True)
-           for i in range(0, len(images), batch)]
-    return torch.cat(out)
 
 
 def linear_probe(vit: nn.Module, uri: str, size: int) -> float:
