@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from cluster.context import StageContext, StageResult
 from tasks.config import Frozen
-from tasks.data import DataError, prepare, resolve_source, source_digest
+from tasks.data import IMPORTERS, DataError, prepare, resolve_source, source_digest
 
 
 class DatasetSpec(Frozen):
@@ -39,7 +39,12 @@ class DataNode(Frozen):
 
     @classmethod
     def of(cls, spec: DatasetSpec) -> DataNode:
-        return cls(source=spec.source, digest=source_digest(spec.source))
+        """A relative local folder is made absolute here: the node runs in a Ray worker with another cwd."""
+        kind, sep, location = spec.source.partition(":")
+        source = spec.source
+        if sep and kind in IMPORTERS and "://" not in location:
+            source = f"{kind}:{os.path.abspath(location)}"
+        return cls(source=source, digest=source_digest(source))
 
 
 def run(ctx: StageContext, cfg: DataNode, inputs: dict[str, Any]) -> StageResult:
