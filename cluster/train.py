@@ -198,6 +198,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     state = _resume(engine, rank)
+    if state["step"] == 0 and rank == 0:
+        _evaluate_start(engine, recipe, state)
     data = recipe.data(
         DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
                     state["step"], cfg.steps, job.seed)
@@ -252,6 +254,18 @@ def _resume(engine: Any, rank: int) -> dict[str, Any]:
         if best.exists():
             state["best_state"] = load_file(str(best))
     return state
+
+
+def _evaluate_start(engine: Any, recipe: Recipe, state: dict[str, Any]) -> None:
+    """The initial state is the first candidate for best-on-val: a run that only makes validation worse (a head
+    started at the linear probe's optimum, then disturbed) returns what it started from."""
+    if recipe.evaluate is None or recipe.select_metric is None:
+        return
+    engine.eval()
+    with torch.no_grad():
+        evaluation = recipe.evaluate(engine.module)
+    state["best"] = {"score": evaluation.get(recipe.select_metric), "step": 0, **evaluation}
+    state["best_state"] = trainable_state(engine.module)
 
 
 def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, rank: int, world: int) -> None:

@@ -48,14 +48,14 @@ def test_fine_tuning_beats_chance_and_stores_only_the_delta(world: dict) -> None
 
 
 def test_the_checkpoint_best_on_val_is_kept_when_validation_peaks_mid_run(world: dict) -> None:
-    """A head trained at an absurd constant learning rate jumps around: the stage must keep the checkpoint with
-    the best validation accuracy, not the last one."""
+    """A randomly initialised head trained at an absurd constant learning rate jumps around: the stage must keep
+    the checkpoint with the best validation accuracy, not the last one."""
     cfg = node({"name": "linear", "lr": 5.0}, steps=24, warmup_steps=0, min_lr=5.0, checkpoint_every=4,
-               grad_clip=0.0)
+               grad_clip=0.0).model_copy(update={"head_init": "random"})
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
     manifest = run_stage(world["store"], world["tmp"], finetune, "finetune", "digits-jumpy", cfg, inputs)
     metrics = manifest.metrics
-    assert metrics["best_step"] < 24, metrics  # validation peaked before the end
+    assert 0 < metrics["best_step"] < 24, metrics  # validation peaked after the start, before the end
     assert metrics["val_accuracy"] == pytest.approx(metrics["best_score"])  # and that state is the one stored
 
 
@@ -63,3 +63,13 @@ def test_the_seed_reaches_head_and_method_initialisation() -> None:
     cfg = node({"name": "lora", "r": 4})
     heads = [finetune.build_model(cfg, 10, None, seed).head.weight for seed in (0, 0, 1)]
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_a_run_that_only_hurts_validation_returns_its_starting_point(world: dict) -> None:
+    """The head starts at the probe's optimum (LP-FT); training it at an absurd rate only makes things worse,
+    so the initial state, evaluated before the first step, is what the stage keeps."""
+    cfg = node({"name": "linear", "lr": 5.0}, steps=8, warmup_steps=0, min_lr=5.0, checkpoint_every=4,
+               grad_clip=0.0)
+    inputs = {"data": world["digits"], "backbone": world["backbone"]}
+    manifest = run_stage(world["store"], world["tmp"], finetune, "finetune", "digits-probe-start", cfg, inputs)
+    assert manifest.metrics["best_step"] == 0 and manifest.metrics["test_accuracy"] > 0.5, manifest.metrics
