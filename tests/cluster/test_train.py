@@ -6,31 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from cluster.batches import StreamedBatches, TensorBatches
 from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
-
-
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x[:512], dtype=torch.float32) / 16.0, torch.tensor(y[:512])
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10))
-
-
-def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y), {}
-
-
-def _accuracy(model: nn.Module) -> dict[str, float]:
-    x, y = _digits()
-    return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
+from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
 
 
 class _CrashOnce:
@@ -44,13 +24,13 @@ class _CrashOnce:
         if self.calls == self.at_call and not self.marker.exists():
             self.marker.write_text("crashed")
             raise RuntimeError("injected worker failure")
-        return _loss(model, batch)
+        return mlp_loss(model, batch)
 
 
-def _job(tmp_path: Path, name: str, workers: int, loss=_loss, **train) -> TrainJob:
+def _job(tmp_path: Path, name: str, workers: int, loss=mlp_loss, **train) -> TrainJob:
     cfg = TrainConfig(**{"steps": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 2,
                          "checkpoint_every": 4, "log_every": 4, **train})
-    recipe = Recipe(_mlp, TensorBatches(_digits), loss, evaluate=_accuracy, select_metric="accuracy")
+    recipe = Recipe(mlp, TensorBatches(digits_tensors), loss, evaluate=mlp_accuracy, select_metric="accuracy")
     return TrainJob(name, recipe, cfg, Resources(num_workers=workers), str(tmp_path / "ray"), seed=3)
 
 
@@ -89,10 +69,10 @@ def test_failed_worker_resumes_from_last_checkpoint(reference, tmp_path: Path) -
 def test_two_workers_stream_a_ray_dataset_for_several_passes(ray_local, tmp_path: Path) -> None:
     import ray.data
 
-    x, y = _digits()
+    x, y = digits_tensors()
     dataset = ray.data.from_items([{"x": xi.numpy(), "y": int(yi)} for xi, yi in zip(x, y, strict=True)])
     cfg = TrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=2, checkpoint_every=40, log_every=10)
-    recipe = Recipe(_mlp, StreamedBatches("train", ("x", "y"), shuffle_buffer=64), _loss, evaluate=_accuracy)
+    recipe = Recipe(mlp, StreamedBatches("train", ("x", "y"), shuffle_buffer=64), mlp_loss, evaluate=mlp_accuracy)
     job = TrainJob("streamed", recipe, cfg, Resources(num_workers=2), str(tmp_path / "ray"), seed=3,
                    datasets={"train": dataset})
     result = fit(job)  # 40 steps x 32 samples = 2.5 passes over the 512 rows, split across the 2 workers

@@ -9,36 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
-from torch import nn
 
 from cluster.batches import TensorBatches
 from cluster.checkpoints import CheckpointError
 from cluster.train import Recipe, Resources, TrainConfig, TrainJob, _read_result, fit
+from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
 
 pytestmark = pytest.mark.reliability
 
 NAME = "stage-key"  # a stage's Ray Train run is named after its key: every re-run finds the same folder
-
-
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x[:256], dtype=torch.float32) / 16.0, torch.tensor(y[:256])
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10))
-
-
-def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y), {}
-
-
-def _accuracy(model: nn.Module) -> dict[str, float]:
-    x, y = _digits()
-    return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
 
 
 class _LoggedSteps:
@@ -55,7 +34,7 @@ class _LoggedSteps:
 def _job(storage: Path, logged: Path) -> TrainJob:
     cfg = TrainConfig(steps=4, batch_size=32, lr=1e-2, warmup_steps=1, checkpoint_every=2, log_every=2,
                       max_failures=0)
-    recipe = Recipe(_mlp, TensorBatches(_digits), _loss, evaluate=_accuracy, select_metric="accuracy")
+    recipe = Recipe(mlp, TensorBatches(digits_tensors), mlp_loss, evaluate=mlp_accuracy, select_metric="accuracy")
     return TrainJob(NAME, recipe, cfg, Resources(num_workers=1), str(storage), seed=3, on_log=_LoggedSteps(logged))
 
 
