@@ -56,18 +56,22 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def _create_sqlite_store(client: MlflowClient, db: Path) -> None:
-    """Create and migrate a SQLite tracking DB under a file lock: MLflow's first use of a new DB runs its
-    alembic migrations, and two first runs on a fresh work_dir would otherwise both migrate and one fail."""
+def _open_sqlite_store(uri: str) -> MlflowClient:
+    """A client on a SQLite tracking DB, created and migrated under a file lock: MLflow's first use of a new DB
+    runs its alembic migrations, and two first runs on a fresh work_dir would otherwise both migrate and one
+    fail."""
     import fcntl
 
+    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # opens the store: creates / migrates the schema
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 @dataclass
@@ -92,10 +96,10 @@ class Tracker:
         if self._client is None:
             if self.uri.startswith(("http://", "https://")):
                 self.retry.configure_mlflow_http()
-            client = MlflowClient(tracking_uri=self.uri)
             if self.uri.startswith("sqlite:///"):
-                _create_sqlite_store(client, Path(self.uri.removeprefix("sqlite:///")))
-            self._client = client
+                self._client = _open_sqlite_store(self.uri)
+            else:
+                self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
     @property

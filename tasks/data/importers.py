@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from cluster.fs import arrow_filesystem
+from tasks.data.loading import decode_error
 from tasks.data.shards import SPLITS, DataError, Record, SourceData, encode_png
 from tasks.data.splits import stratified_splits
 
@@ -33,7 +34,7 @@ def verified_bytes(fs: pafs.FileSystem, path: str, where: str) -> bytes:
                 return data
             return encode_png(np.asarray(img.convert("RGB")))
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise DataError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from err
+        raise decode_error(where, data, err) from None
 
 
 def _read_entries(fs: pafs.FileSystem, entries: list[Entry]) -> Iterator[Record]:

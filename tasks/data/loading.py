@@ -34,11 +34,16 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
 def _decode_or_raise(data: bytes, image_size: int, where: str) -> np.ndarray:
     try:
         return decode_image(data, image_size)
-    except UnidentifiedImageError:  # its message shows a BytesIO repr, not the file
-        raise DataError(f"{where}: cannot decode image (not an image format PIL recognises; {len(data)} bytes, "
-                        f"starting {data[:8]!r})") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise DataError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from err
+        raise decode_error(where, data, err) from None
+
+
+def decode_error(where: str, data: bytes, err: Exception) -> DataError:
+    """The one-line error for bytes PIL cannot decode (its UnidentifiedImageError shows a BytesIO repr)."""
+    if isinstance(err, UnidentifiedImageError):
+        return DataError(f"{where}: cannot decode image (not an image format PIL recognises; {len(data)} bytes, "
+                         f"starting {data[:8]!r})")
+    return DataError(f"{where}: cannot decode image ({type(err).__name__}: {err})")
 
 
 def check_label(label: int, num_classes: int, where: str) -> None:

@@ -1,0 +1,97 @@
+"""Issue 17's input and environment faults that need no Ray: each is one line naming the cause, exit code 2,
+and nothing already written is touched. Each of these failed on the code before the fix (a wrong place, a
+traceback, or a crash)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.dag import code_version
+from tests.pipelines.test_cli import one_error_line
+
+pytestmark = pytest.mark.reliability
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _plan(tmp_path: Path, capsys: pytest.CaptureFixture[str], **top) -> str:
+    config = {"work_dir": str(tmp_path / "work"), "tasks": {"faces": {"source": "faces"}}, **top}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["plan", str(path)]) == 2
+    return one_error_line(capsys.readouterr().err)
+
+
+def test_an_s3_work_dir_is_refused_not_created_as_a_local_folder(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = _plan(tmp_path, capsys, work_dir="s3://bucket/prefix")
+    assert "work_dir" in line and "store: s3://" in line
+    assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("store", "gs://bucket/x"), ("tracking_uri", "ftp://host/x")])
+def test_other_uri_fields_are_checked_too(tmp_path: Path, capsys, field: str, value: str) -> None:
+    assert field in _plan(tmp_path, capsys, **{field: value})
+
+
+def test_a_task_name_that_is_no_valid_mlflow_key_fails_at_plan_time(tmp_path: Path, capsys) -> None:
+    line = _plan(tmp_path, capsys, tasks={"../../x": {"source": "faces"}})
+    assert "task name '../../x'" in line
+    assert not (tmp_path / "work").exists()  # nothing was started: no MLflow DB, no run left RUNNING
+
+
+def test_missing_and_one_class_folders_fail_at_plan_time(tmp_path: Path, capsys) -> None:
+    assert "is not a directory" in _plan(tmp_path, capsys, tasks={"pets": {"source": f"imagefolder:{tmp_path}/no"}})
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    (tmp_path / "one" / "cats" / "a.png").write_bytes(b"x")
+    line = _plan(tmp_path, capsys, tasks={"pets": {"source": f"imagefolder:{tmp_path / 'one'}"}})
+    assert "at least two class folders" in line
+
+
+def test_prepare_to_an_unreachable_s3_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    assert main(["data", "prepare", "--source", "faces", "--out", "s3://nobucket/x"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "s3://nobucket/x: cannot write the shards" in line
+
+
+def test_an_undecodable_image_is_named_without_a_bytesio_repr(tmp_path: Path, capsys) -> None:
+    from tasks.data.bundled import textures, write_imagefolder
+
+    write_imagefolder(textures(seed=0), tmp_path / "imgs", per_class=5)
+    (tmp_path / "imgs" / "brick" / "broken.jpg").write_bytes(b"GIF89a not really an image")
+    out = str(tmp_path / "shards")
+    assert main(["data", "prepare", "--source", f"imagefolder:{tmp_path / 'imgs'}", "--out", out]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "brick/broken.jpg: cannot decode image" in line and "BytesIO" not in line
+
+
+def test_two_first_runs_create_the_sqlite_tracking_db_at_once(tmp_path: Path) -> None:
+    """MLflow's first use of a SQLite DB migrates it; two runners starting together on a fresh work_dir both
+    did, and one died with alembic's CommandError."""
+    code = ("import sys; from cluster.tracking import Tracker; "
+            "print(Tracker(sys.argv[1], 'race').experiment_id)")
+    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in results] == [0, 0, 0], [err[-2000:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one experiment, seen by all three
+
+
+def test_stage_keys_change_with_the_packages_that_shape_numerics() -> None:
+    import numpy
+    import timm
+    import torch
+
+    version = code_version()
+    for name, module in (("torch", torch), ("timm", timm), ("numpy", numpy)):
+        assert f"{name}={module.__version__.split('+')[0]}" in version or f"{name}={module.__version__}" in version
+    assert "deepspeed=" in version
