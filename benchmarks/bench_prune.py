@@ -110,7 +110,7 @@ def main() -> None:
 
         models: dict[str, nn.Module] = {"unpruned": base}
         for k in KEEP_RATIOS:
-            settings = PruneSettings(keep_ratio=k, ramp_steps=args.prune_steps // 2)
+            settings = PruneSettings(keep_ratio=k, steps=args.prune_steps)
             pruned = PRUNERS[args.method].prepare(copy.deepcopy(base), settings)
             train(pruned, list(pruned.parameters()), classification_loss, labelled(x, y), args.prune_steps, 1e-3, 2)
             structure = PRUNERS[args.method].convert(pruned)

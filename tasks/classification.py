@@ -37,14 +37,19 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, uri: str, split: str, size: int, batch: int = 256) -> float:
-    x, y = cached_split(uri, split, size)
+def logits(model: nn.Module, uri: str, split: str, size: int, batch: int = 256) -> torch.Tensor:
+    """The model's logits (N, classes) on one split, in eval mode."""
+    x, _ = cached_split(uri, split, size)
     was_training = model.training
     model.eval()
-    hits = sum(int((model(normalize(x[i:i + batch])).argmax(-1) == y[i:i + batch]).sum())
-               for i in range(0, len(x), batch))
+    out = torch.cat([model(normalize(x[i:i + batch])) for i in range(0, len(x), batch)])
     model.train(was_training)
-    return hits / len(x)
+    return out
+
+
+def accuracy(model: nn.Module, uri: str, split: str, size: int, batch: int = 256) -> float:
+    _, y = cached_split(uri, split, size)
+    return float((logits(model, uri, split, size, batch).argmax(-1) == y).float().mean())
 
 
 @torch.no_grad()

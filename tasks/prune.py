@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import AfterValidator, ConfigDict, Field
@@ -32,7 +32,7 @@ from models.peft import PEFT_METHODS
 from models.prune import PRUNERS, PruneSettings, block_widths, count_flops, count_params, merge_tocom_pruned
 from models.tocom import TOCOM_SCALES, load_tocom
 from models.tome import apply_tome, tome_r
-from tasks.classification import accuracy, cached_split, classification_loss, flip
+from tasks.classification import accuracy, cached_split, classification_loss, flip, logits
 from tasks.config import Frozen, paper_train
 from tasks.evaluate import check_backbones
 from tasks.finetune import FinetuneNode, load_task_model
@@ -57,6 +57,8 @@ class PruneConfig(Frozen):
     keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of MLP hidden units kept")
     head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
     lam: float = Field(1e-4, gt=0, alias="lambda", description="ResRep group-lasso strength")
+    criterion: Literal["saliency", "norm"] = Field("saliency", description="ResRep: what chooses the forget set "
+                                                   "(models.prune.resrep.Compactor)")
     centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength")
     train: paper_train(steps=100, lr=1e-3, warmup_steps=5, weight_decay=0.0)
     # ResRep's recovery: the converted, narrower model fine-tuned (every weight) on the task; null: none.
@@ -68,10 +70,10 @@ class PruneConfig(Frozen):
     registry_prefix: str = "vitpipe"
 
     def settings(self) -> PruneSettings:
-        """ResRep's forget set grows over the first half of the training forwards."""
-        ramp = max(1, self.train.steps * self.train.grad_accum // 2)
+        """The pruner's schedule runs over every training forward (micro-batches)."""
         return PruneSettings(keep_ratio=self.keep_ratio, head_keep_ratio=self.head_keep_ratio, lam=self.lam,
-                             ramp_steps=ramp, centripetal=self.centripetal)
+                             criterion=self.criterion, steps=self.train.steps * self.train.grad_accum,
+                             centripetal=self.centripetal)
 
 
 class PruneNode(PruneConfig):
@@ -173,8 +175,12 @@ def prune_and_convert(ctx: StageContext, cfg: PruneNode, baseline: nn.Module, ur
                           on_log=ctx.step_logger()))
     model = prunable(baseline, cfg.pruner, cfg.settings())
     model.load_state_dict(result.state, strict=False)
-    structure = PRUNERS[cfg.pruner].convert(model)
-    return model.requires_grad_(False).eval(), structure, result
+    model.requires_grad_(False).eval()
+    trained = logits(model, uri, "val", size)
+    structure = PRUNERS[cfg.pruner].convert(model)  # PruneError if training did not reach the structure
+    diff = float((logits(model, uri, "val", size) - trained).abs().max())
+    result.metrics |= {"convert_max_abs_diff": diff, "convert_max_rel_diff": diff / float(trained.abs().max())}
+    return model, structure, result
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:
@@ -250,6 +256,7 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
         "params_ratio": after["params"] / before["params"], "flops_ratio": after["flops"] / before["flops"],
         "latency_ratio": after["latency_ms_b1"] / before["latency_ms_b1"],
         "throughput_ratio": after["throughput_b64"] / before["throughput_b64"],
+        **{k: v for k, v in result.metrics.items() if k.startswith("convert_")},
         **{k: v for k, v in result.metrics.items() if k.startswith("final_")},
     }
     ctx.writer.put_json("history.json", result.history)

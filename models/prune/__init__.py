@@ -3,9 +3,12 @@ proj columns), by ResRep (compactors) or C-SGD (centripetal clusters); METHODS.m
 
 Life cycle, the same for both methods:
     pruner = PRUNERS["resrep"]
-    pruner.prepare(model, PruneSettings(keep_ratio=0.5))   # in place: compactors / centripetal layers
-    ... train with the task loss (every parameter may train) ...
-    structure = pruner.convert(model)                       # exact fold into a plain, narrower timm ViT
+    pruner.prepare(model, PruneSettings(keep_ratio=0.5, steps=N))   # in place: compactors / centripetal layers
+    ... N training forwards with the task loss (every parameter may train) ...
+    structure = pruner.convert(model)   # exact fold into a plain, narrower timm ViT
+Over the first half of the N forwards the structure is chosen, over the second what the conversion drops fades
+to zero, so the trained model equals the converted one; `convert` refuses (PruneError) a model that has not got
+there, and `impose` forces the structure on a model that did not train (lossy).
 The converted model is a timm VisionTransformer whose blocks have narrower fc1/fc2 and fewer heads (attn.num_heads
 smaller, head_dim unchanged); `structure` lists the original indices each block kept.
 """
@@ -26,14 +29,17 @@ __all__ = ["CSGD", "PRUNERS", "Compactor", "PruneError", "PruneSettings", "Prune
 
 
 class Pruner(Protocol):
-    """A structured pruner: `prepare` adds its trainable structure in place, training with the task loss makes
-    that structure exact, `convert` folds it into a plain, narrower timm ViT and returns the kept units."""
+    """A structured pruner: `prepare` adds its trainable structure in place, training with the task loss for
+    the settings' steps makes that structure exact, `convert` folds it into a plain, narrower timm ViT and
+    returns the kept units (refusing a model whose structure is not exact); `impose` makes it exact now."""
 
     name: str
 
     def prepare(self, model: VisionTransformer, cfg: PruneSettings) -> VisionTransformer: ...
 
-    def convert(self, model: VisionTransformer) -> list[dict[str, list[int]]]: ...
+    def impose(self, model: VisionTransformer) -> VisionTransformer: ...
+
+    def convert(self, model: VisionTransformer, tolerance: float = 1e-4) -> list[dict[str, list[int]]]: ...
 
 
 PRUNERS: dict[str, Pruner] = {"resrep": ResRep(), "csgd": CSGD()}

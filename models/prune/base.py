@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from timm.layers import Attention
@@ -20,13 +23,47 @@ class PruneSettings(BaseModel):
     keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of MLP hidden units kept per block")
     head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
     lam: float = Field(1e-4, gt=0, description="ResRep group-lasso strength lambda")
-    ramp_steps: int = Field(1, ge=1, description="ResRep: training forwards over which the forget set grows")
+    criterion: Literal["saliency", "norm"] = Field("saliency", description="ResRep: what chooses the forget set")
+    steps: int = Field(2, ge=1, description="training forwards; the structure is reached at the last one")
     centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength epsilon")
     seed: int = 0
 
     @property
     def heads_ratio(self) -> float:
         return self.keep_ratio if self.head_keep_ratio is None else self.head_keep_ratio
+
+
+class Schedule(nn.Module):
+    """Where a pruner's training is, in forwards: over the first half the structure is chosen (ResRep's forget
+    set grows), over the second the part the conversion drops fades linearly to exactly zero (`fade`: 1 -> 0),
+    so that the model trained to the end *is* the converted model. The count is a buffer: it is checkpointed
+    and resumed with the weights."""
+
+    step: torch.Tensor
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps, self.ramp = steps, steps // 2
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def advance(self, module: nn.Module) -> None:
+        """Count one forward of `module` when it trains with gradients (not evaluation forwards)."""
+        if module.training and torch.is_grad_enabled():
+            self.step += 1
+
+    @property
+    def growth(self) -> float:
+        """Fraction of the structure chosen: 0 -> 1 over the first half, in tenths (ResRep re-chooses its
+        forget set at intervals, not every step)."""
+        return 1.0 if self.ramp == 0 else min(1.0, math.floor(10 * int(self.step) / self.ramp) / 10)
+
+    @property
+    def fade(self) -> float:
+        """Weight of what the conversion drops: 1 until the first half ends, then linearly to 0 at the end."""
+        step = int(self.step)
+        if step <= self.ramp:
+            return 1.0
+        return max(0.0, (self.steps - step) / (self.steps - self.ramp))
 
 
 def keep_count(n: int, ratio: float) -> int:

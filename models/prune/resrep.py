@@ -8,12 +8,23 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.prune.base import PruneError, PruneSettings, _attention, _head_rows, _narrow, _set_heads, keep_count
+from models.prune.base import (
+    PruneError,
+    PruneSettings,
+    Schedule,
+    _attention,
+    _head_rows,
+    _narrow,
+    _set_heads,
+    keep_count,
+)
+
+CRITERIA = ("saliency", "norm")
 
 
 class _ResetGradient(torch.autograd.Function):
-    """Identity forward; backward: on forgotten rows, the task gradient is replaced by the group-lasso
-    gradient lambda * M_g / ||M_g|| of the row's group; other rows keep the task gradient."""
+    """Identity forward; backward as the official ResRep: the task gradient is masked on the forgotten rows
+    and the group-lasso gradient lambda * M_g / ||M_g|| of each row's group is added to every row."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, forget: torch.Tensor, group_size: int, lam: float) -> torch.Tensor:
@@ -26,44 +37,104 @@ class _ResetGradient(torch.autograd.Function):
         weight, forget = ctx.saved_tensors
         norms = weight.reshape(-1, ctx.group_size * weight.shape[1]).norm(dim=1).clamp_min(1e-12)
         penalty = ctx.lam * weight / norms.repeat_interleave(ctx.group_size)[:, None]
-        return torch.where(forget[:, None], penalty, grad), None, None, None
+        return torch.where(forget[:, None], 0.0, grad) + penalty, None, None, None
 
 
 class Compactor(nn.Module):
     """A (n, n) matrix M, identity-initialised, applied as x @ M (x: (..., n)); row i carries input channel i.
 
-    Rows form groups of `group_size` (1 for MLP units, head_dim for a head). While training, the groups with
-    the smallest norms are the forget set (it grows to groups - keep over `ramp_steps` forwards); their rows get
-    only the penalty gradient. A group whose rows are zero makes its input channels unused.
+    Rows form groups of `group_size` (1 for MLP units, head_dim for a head). Over the first half of the
+    schedule the forget set grows, in tenths, to groups - keep: at each growth the groups that matter least
+    are chosen; then it is fixed (`forget`, a buffer) and its rows fade to zero over the second half. Forgotten
+    rows get only the penalty gradient. The lasso alone does not get there in a short schedule (AdamW moves a
+    row by about lr a step: 100 steps at lr 1e-3 left norms of 0.95), so the fade is what makes the conversion
+    exact.
+
+    What "matters least" means (`criterion`): "norm" is ResRep's own, the groups with the smallest ||M_g||;
+    "saliency" (default) is the output a group carries, sum over its rows i of E[x_i^2] ||W M_i^T||^2 with W
+    the next layer's weight and E[x_i^2] averaged over the forwards seen so far. On a schedule of tens of
+    steps the identity-initialised rows all keep norms near 1, so "norm" chooses by noise.
     """
 
-    def __init__(self, width: int, group_size: int, keep: int, lam: float, ramp_steps: int) -> None:
+    forget: torch.Tensor
+    energy: torch.Tensor
+
+    def __init__(self, width: int, group_size: int, keep: int, lam: float, steps: int,
+                 criterion: str = "saliency") -> None:
         super().__init__()
+        if criterion not in CRITERIA:
+            raise PruneError(f"unknown ResRep criterion {criterion!r} (known: {', '.join(CRITERIA)})")
         self.weight = nn.Parameter(torch.eye(width))
-        self.group_size, self.keep, self.lam, self.ramp_steps = group_size, keep, lam, ramp_steps
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.group_size, self.keep, self.lam, self.criterion = group_size, keep, lam, criterion
+        self.schedule = Schedule(steps)
+        self.register_buffer("forget", torch.zeros(width // group_size, dtype=torch.bool))
+        self.register_buffer("energy", torch.zeros(width))
 
     @property
     def groups(self) -> int:
         return self.weight.shape[0] // self.group_size
 
-    def forget_set(self, count: int | None = None) -> torch.Tensor:
-        """(groups,) bool: the `count` groups with the smallest norms (default: all but `keep`); ties by index."""
+    def scores(self, out_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(groups,): how much each group matters by the criterion (norm without the next layer's weight)."""
+        m = self.weight.detach().float()
+        if self.criterion == "norm" or out_weight is None:
+            per_row = m.pow(2).sum(dim=1)
+        else:
+            energy = self.energy.clone()
+            if torch.distributed.is_initialized():  # every rank saw other data: choose from the same figures
+                torch.distributed.all_reduce(energy)
+                energy /= torch.distributed.get_world_size()
+            per_row = energy * (out_weight.detach().float() @ m.T).pow(2).sum(dim=0)
+        return per_row.reshape(self.groups, self.group_size).sum(dim=1)
+
+    def smallest(self, count: int | None = None, out_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(groups,) bool: the `count` groups that matter least (default: all but `keep`); ties by index."""
         count = self.groups - self.keep if count is None else count
-        norms = self.weight.detach().reshape(self.groups, -1).norm(dim=1)
-        order = torch.sort(norms, stable=True).indices
-        forget = torch.zeros(self.groups, dtype=torch.bool, device=norms.device)
+        order = torch.sort(self.scores(out_weight), stable=True).indices
+        forget = torch.zeros(self.groups, dtype=torch.bool, device=self.weight.device)
         forget[order[:count]] = True
         return forget
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.training and torch.is_grad_enabled():
-            self.step += 1
-            count = round((self.groups - self.keep) * min(1.0, int(self.step) / self.ramp_steps))
-            rows = self.forget_set(count).repeat_interleave(self.group_size)
-            weight = _ResetGradient.apply(weight, rows, self.group_size, self.lam)
+    @property
+    def complete(self) -> bool:
+        """Whether the forget set has its final size (groups - keep)."""
+        return int(self.forget.sum()) == self.groups - self.keep
+
+    def effective(self) -> torch.Tensor:
+        """M as the model uses it now: the forgotten rows scaled by the schedule's fade."""
+        rows = self.forget.repeat_interleave(self.group_size)
+        return self.weight * torch.where(rows, self.schedule.fade, 1.0)[:, None].to(self.weight)
+
+    def forward(self, x: torch.Tensor, out_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ M as the schedule has it; `out_weight`: the next layer's weight, for the saliency criterion."""
+        self.schedule.advance(self)
+        if not (self.training and torch.is_grad_enabled()):
+            return x @ self.effective().to(x.dtype)
+        if self.schedule.fade == 1.0:  # choosing: keep the mean squared input of every channel
+            with torch.no_grad():
+                seen = x.detach().float().pow(2).reshape(-1, x.shape[-1]).mean(dim=0)
+                self.energy += (seen - self.energy) / int(self.schedule.step)
+        count = round((self.groups - self.keep) * self.schedule.growth)
+        if count != int(self.forget.sum()) and (self.schedule.fade == 1.0 or not self.complete):
+            self.forget.copy_(self.smallest(count, out_weight))
+        rows = self.forget.repeat_interleave(self.group_size)
+        weight = _ResetGradient.apply(self.weight, rows, self.group_size, self.lam)
+        weight = weight * torch.where(rows, self.schedule.fade, 1.0)[:, None].to(weight)
         return x @ weight.to(x.dtype)
+
+    @torch.no_grad()
+    def impose(self) -> None:
+        """Zero the rows of the final forget set now (lossy): the structure the schedule reaches at its end."""
+        if not self.complete:
+            self.forget.copy_(self.smallest())
+        self.weight[self.forget.repeat_interleave(self.group_size)] = 0.0
+
+    def residual(self) -> float:
+        """Largest norm of a forgotten row group as the model uses it: 0 once the schedule has reached its end."""
+        if not self.complete:
+            return float("inf")
+        norms = self.effective().detach().reshape(self.groups, -1).norm(dim=1)
+        return float(norms[self.forget].max()) if self.forget.any() else 0.0
 
 
 class CompactedLinear(nn.Module):
@@ -74,12 +145,12 @@ class CompactedLinear(nn.Module):
         self.compactor, self.linear = compactor, linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.compactor(x))
+        return self.linear(self.compactor(x, self.linear.weight))
 
     @torch.no_grad()
     def fold(self, kept_rows: torch.Tensor) -> nn.Linear:
         """linear' = linear @ M[kept]^T: reading only the kept channels, exact when the other rows are zero."""
-        m = self.compactor.weight[kept_rows].to(self.linear.weight.dtype)
+        m = self.compactor.effective()[kept_rows].to(self.linear.weight.dtype)
         return _narrow(self.linear, self.linear.weight @ m.T, self.linear.bias)
 
 
@@ -95,11 +166,11 @@ class ResRep:
             hidden, heads = mlp.fc2.in_features, attn.num_heads
             device = mlp.fc2.weight.device
             mlp.fc2 = CompactedLinear(
-                Compactor(hidden, 1, keep_count(hidden, cfg.keep_ratio), cfg.lam, cfg.ramp_steps), mlp.fc2
+                Compactor(hidden, 1, keep_count(hidden, cfg.keep_ratio), cfg.lam, cfg.steps, cfg.criterion), mlp.fc2
             ).to(device)
             attn.proj = CompactedLinear(
                 Compactor(heads * attn.head_dim, attn.head_dim, keep_count(heads, cfg.heads_ratio), cfg.lam,
-                          cfg.ramp_steps), attn.proj
+                          cfg.steps, cfg.criterion), attn.proj
             ).to(device)
         return model
 
@@ -110,22 +181,30 @@ class ResRep:
             raise PruneError("model has no ResRep compactors: call PRUNERS['resrep'].prepare first")
         return pairs
 
-    @torch.no_grad()
-    def mask(self, model: VisionTransformer) -> VisionTransformer:
-        """The masked model: zero the compactor rows of the final forget set (in place)."""
+    def impose(self, model: VisionTransformer) -> VisionTransformer:
+        """Zero every compactor's final forget set now (in place, lossy): what the schedule reaches at its end."""
         for fc2, proj in self._compacted(model):
-            for compacted in (fc2, proj):
-                c = compacted.compactor
-                c.weight[c.forget_set().repeat_interleave(c.group_size)] = 0.0
+            fc2.compactor.impose()
+            proj.compactor.impose()
         return model
 
     @torch.no_grad()
-    def convert(self, model: VisionTransformer) -> list[dict[str, list[int]]]:
-        """Fold every compactor into a narrower plain layer; equals `mask(model)` exactly (float rounding)."""
+    def convert(self, model: VisionTransformer, tolerance: float = 1e-4) -> list[dict[str, list[int]]]:
+        """Fold every compactor into a narrower plain layer: exact, because it refuses (PruneError) while a
+        forgotten row group still has a norm above `tolerance` (training has not reached its schedule's end)."""
+        pairs = self._compacted(model)
+        for i, (fc2, proj) in enumerate(pairs):
+            for where, compacted in (("mlp", fc2), ("heads", proj)):
+                left = compacted.compactor.residual()
+                if left > tolerance:
+                    step = compacted.compactor.schedule
+                    raise PruneError(
+                        f"ResRep: block {i} {where}: the forgotten rows still have norm {left:.3g} > {tolerance:g} "
+                        f"at forward {int(step.step)} of {step.steps}: train to the end of the schedule (or impose)")
         structure = []
-        for block, (fc2, proj) in zip(model.blocks, self._compacted(model), strict=True):
-            units = (~fc2.compactor.forget_set()).nonzero().flatten().cpu()
-            heads = (~proj.compactor.forget_set()).nonzero().flatten().cpu()
+        for block, (fc2, proj) in zip(model.blocks, pairs, strict=True):
+            units = (~fc2.compactor.forget).nonzero().flatten().cpu()
+            heads = (~proj.compactor.forget).nonzero().flatten().cpu()
             mlp, attn = block.mlp, block.attn
             mlp.fc1 = _narrow(mlp.fc1, mlp.fc1.weight[units], None if mlp.fc1.bias is None else mlp.fc1.bias[units])
             mlp.fc2 = fc2.fold(units)

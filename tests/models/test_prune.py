@@ -56,41 +56,59 @@ def task_steps(model, x: torch.Tensor, steps: int = 3, lr: float = 0.05) -> None
     model.eval()
 
 
+@pytest.mark.parametrize("method", ["resrep", "csgd"])
 @pytest.mark.parametrize("ratio", [1.0, 0.75, 0.5, 0.25])
-def test_resrep_conversion_equals_the_masked_model_and_keeps_k(images: torch.Tensor, ratio: float) -> None:
-    model = PRUNERS["resrep"].prepare(tiny(), PruneSettings(keep_ratio=ratio, ramp_steps=2))
-    task_steps(model, images)
+def test_training_to_the_end_of_the_schedule_makes_the_conversion_exact(images: torch.Tensor, method: str,
+                                                                        ratio: float) -> None:
+    model = PRUNERS[method].prepare(tiny(), PruneSettings(keep_ratio=ratio, steps=4))
     with torch.no_grad():
-        unmasked = model(images)
-        masked = PRUNERS["resrep"].mask(model)(images)
-    structure = PRUNERS["resrep"].convert(model)
+        start = model(images)
+    task_steps(model, images, steps=4)
     with torch.no_grad():
-        converted = model(images)
-    torch.testing.assert_close(converted, masked, rtol=1e-5, atol=1e-5)
-    if ratio < 1:
-        assert (unmasked - masked).abs().max() > 1e-3  # masking mattered: the check above has teeth
+        trained = model(images)
+    structure = PRUNERS[method].convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), trained, rtol=1e-5, atol=1e-5)
+    assert (trained - start).abs().max() > 1e-3  # training (and the fade) changed the model: the check has teeth
     expected = {"mlp_hidden": keep_count(HIDDEN, ratio), "num_heads": keep_count(HEADS, ratio)}
     assert block_widths(model) == [expected] * DEPTH
     assert [len(s["mlp"]) for s in structure] == [expected["mlp_hidden"]] * DEPTH
-    assert all(type(b.mlp.fc2) is torch.nn.Linear and type(b.attn.proj) is torch.nn.Linear for b in model.blocks)
+    assert all(type(b.mlp.fc1) is torch.nn.Linear and type(b.mlp.fc2) is torch.nn.Linear
+               and type(b.attn.qkv) is torch.nn.Linear and type(b.attn.proj) is torch.nn.Linear for b in model.blocks)
+
+
+@pytest.mark.parametrize("method", ["resrep", "csgd"])
+def test_conversion_refuses_a_model_that_has_not_reached_its_structure(images: torch.Tensor, method: str) -> None:
+    model = PRUNERS[method].prepare(tiny(), PruneSettings(keep_ratio=0.5, steps=8))
+    task_steps(model, images, steps=5)  # the fade has begun (forward 5 of 8) but not ended
+    with pytest.raises(PruneError, match=r"block 0 mlp: .* at forward 5 of 8: train to the end"):
+        PRUNERS[method].convert(model)
+    with torch.no_grad():
+        before = model(images)
+        imposed = PRUNERS[method].impose(model)(images)
+    assert (before - imposed).abs().max() > 1e-3  # imposing the structure is lossy
+    PRUNERS[method].convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), imposed, rtol=1e-5, atol=1e-5)
 
 
 def test_resrep_forgotten_rows_get_only_the_penalty_and_shrink() -> None:
     torch.manual_seed(0)
-    compactor = Compactor(8, 2, keep=2, lam=0.5, ramp_steps=1).train()
+    compactor = Compactor(8, 2, keep=2, lam=0.5, steps=2).train()
     with torch.no_grad():
         compactor.weight.mul_(torch.tensor([1.0, 1.0, 0.5, 0.5, 2.0, 2.0, 0.9, 0.9])[:, None])
     x = torch.randn(16, 8)
     (compactor(x) ** 2).sum().backward()
-    forget = compactor.forget_set()
+    forget = compactor.forget.clone()
     assert forget.tolist() == [False, True, False, True]  # the two smallest-norm groups of four
     w, g = compactor.weight.detach(), compactor.weight.grad
     rows = forget.repeat_interleave(2)
     group_norm = w.reshape(4, -1).norm(dim=1).repeat_interleave(2)[:, None]
-    torch.testing.assert_close(g[rows], (0.5 * w / group_norm)[rows])  # penalty only, task gradient masked
+    penalty = 0.5 * w / group_norm  # the official form: on every row
+    torch.testing.assert_close(g[rows], penalty[rows])  # forgotten rows: the task gradient is masked
     reference = w.clone().requires_grad_()
     ((x @ reference) ** 2).sum().backward()
-    torch.testing.assert_close(g[~rows], reference.grad[~rows])
+    torch.testing.assert_close(g[~rows], reference.grad[~rows] + penalty[~rows])
 
     opt = torch.optim.SGD(compactor.parameters(), lr=0.2)
     start = compactor.weight.detach().reshape(4, -1).norm(dim=1)
@@ -104,14 +122,19 @@ def test_resrep_forgotten_rows_get_only_the_penalty_and_shrink() -> None:
 
 
 def test_resrep_forget_set_ramps_up() -> None:
-    compactor = Compactor(10, 1, keep=2, lam=1.0, ramp_steps=4).train()
+    compactor = Compactor(10, 1, keep=2, lam=1.0, steps=8).train()  # grows over 4 forwards, fades over 4
     x = torch.randn(3, 10)
-    counts = []
+    counts, fades = [], []
     for _ in range(6):
         compactor.weight.grad = None
         compactor(x).sum().backward()
         counts.append(int((compactor.weight.grad.abs().sum(dim=1) == 1.0).sum()))  # penalty rows: |e_i| = 1
+        fades.append(compactor.schedule.fade)
     assert counts == [2, 4, 6, 8, 8, 8]
+    assert fades == [1.0, 1.0, 1.0, 1.0, 0.75, 0.5]
+    with torch.no_grad():
+        rows = compactor.forget
+        torch.testing.assert_close(compactor.eval()(torch.eye(10))[rows], 0.5 * compactor.weight[rows])
 
 
 def test_kmeans_is_seeded_and_fills_every_cluster() -> None:
@@ -124,19 +147,6 @@ def test_kmeans_is_seeded_and_fills_every_cluster() -> None:
     assert torch.equal(kmeans(twins, 5, seed=0)[:5], kmeans(twins, 5, seed=0)[5:])
     with pytest.raises(PruneError):
         kmeans(points, 41, seed=0)
-
-
-def test_csgd_fold_is_exact_once_clusters_are_identical(images: torch.Tensor) -> None:
-    model = PRUNERS["csgd"].prepare(tiny(), PruneSettings(keep_ratio=0.5, head_keep_ratio=0.5))
-    task_steps(model, images)
-    with torch.no_grad():
-        trained = model(images)
-        snapped = PRUNERS["csgd"].snap(model)(images)
-    assert (trained - snapped).abs().max() > 1e-3  # clusters were not yet identical
-    PRUNERS["csgd"].convert(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model(images), snapped, rtol=1e-5, atol=1e-5)
-    assert block_widths(model) == [{"mlp_hidden": 128, "num_heads": 2}] * DEPTH
 
 
 def test_csgd_centripetal_training_makes_clusters_identical(images: torch.Tensor) -> None:
@@ -176,7 +186,7 @@ def test_params_and_flops_drop_as_computed_from_the_shapes(method: str) -> None:
     model = tiny()
     params, flops = count_params(model), count_flops(model, 32)
     PRUNERS[method].prepare(model, PruneSettings(keep_ratio=0.5, head_keep_ratio=0.75))
-    PRUNERS[method].convert(model)
+    PRUNERS[method].convert(PRUNERS[method].impose(model))
     units, heads, d = HIDDEN - 128, 1, WIDTH // HEADS  # removed per block
     # fc1 rows (+ bias) and fc2 columns; a head's q, k, v rows (+ biases) and proj columns
     removed_params = DEPTH * (units * (2 * WIDTH + 1) + heads * d * (4 * WIDTH + 3))
@@ -211,7 +221,7 @@ def test_tocom_on_pruned_heads_equals_tocom_merged_before_pruning(images: torch.
 
 def test_export_reloads_the_same_model_with_its_metadata(tmp_path: Path, images: torch.Tensor) -> None:
     model = PRUNERS["csgd"].prepare(tiny(), PruneSettings(keep_ratio=0.75, head_keep_ratio=0.5))
-    PRUNERS["csgd"].convert(model)
+    PRUNERS["csgd"].convert(PRUNERS["csgd"].impose(model))
     apply_tome(model, 6)
     meta = {"keep_ratio": 0.75, "preprocess": {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
     written = export(model, tmp_path / "out", meta)
@@ -234,7 +244,7 @@ def test_export_keeps_an_unmergeable_peft_branch(tmp_path: Path, images: torch.T
     for name, p in model.named_parameters():
         if "adapter" in name:
             torch.nn.init.normal_(p, std=0.3)
-    PRUNERS["resrep"].prepare(model, PruneSettings(keep_ratio=0.5))
+    PRUNERS["resrep"].impose(PRUNERS["resrep"].prepare(model, PruneSettings(keep_ratio=0.5)))
     PRUNERS["resrep"].convert(model)
     export(model, tmp_path, {}, peft=(method, {"dim": 8, "bits": 1}))
     reloaded = load(tmp_path)
@@ -248,7 +258,7 @@ def test_export_keeps_an_unmergeable_peft_branch(tmp_path: Path, images: torch.T
 
 def test_load_needs_none_of_the_training_code(tmp_path: Path) -> None:
     model = tiny()
-    PRUNERS["resrep"].convert(PRUNERS["resrep"].prepare(model, PruneSettings(keep_ratio=0.5)))
+    PRUNERS["resrep"].convert(PRUNERS["resrep"].impose(PRUNERS["resrep"].prepare(model, PruneSettings())))
     export(model, tmp_path, {})
     code = (f"import sys; from models.deploy import load; m = load({str(tmp_path)!r}); "
             "import torch; m(torch.zeros(1, 3, 32, 32)); "
@@ -262,7 +272,7 @@ def test_export_rebuilds_an_avg_pooled_layout_without_cls(tmp_path: Path, images
     """global_pool="avg" puts the final norm in fc_norm: the rebuilt model must have it too."""
     torch.manual_seed(0)
     model = build_vit("vitpipe_tiny_patch4_32", num_classes=10, global_pool="avg", class_token=False).eval()
-    PRUNERS["resrep"].convert(PRUNERS["resrep"].prepare(model, PruneSettings(keep_ratio=0.5)))
+    PRUNERS["resrep"].convert(PRUNERS["resrep"].impose(PRUNERS["resrep"].prepare(model, PruneSettings())))
     export(model, tmp_path, {})
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path)(images), model(images), rtol=0, atol=0)

@@ -89,8 +89,8 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert metrics["params_ratio"] == after["params"] / before["params"]
     assert before["test_accuracy"] == pytest.approx(model.metrics["test_accuracy"])  # merge kept the model
     assert before["test_accuracy"] > 0.5, metrics  # the LP-FT task model is a real one
-    # Not asserted yet: at this test's schedule (30 ResRep steps, lambda 1e-3) the converted model falls to chance
-    # (0.09) and 12 recovery steps do not bring it back; issue 14's inexact conversion, see the closing note.
+    assert metrics["convert_max_rel_diff"] < 1e-5, metrics  # exact conversion: the trained model is the pruned one
+    print({k: metrics[k] for k in ("pruned_test_accuracy", "recovered_test_accuracy", "test_accuracy_before")})
     # the recovery fine-tune is kept only when it beats the converted model on val; else the model is unchanged
     if not out["recovered"]:
         assert metrics["recovered_test_accuracy"] == metrics["pruned_test_accuracy"]
