@@ -45,9 +45,14 @@ def _pid_namespace() -> str:
         return ""
 
 
-def _process_gone(record: dict) -> bool:
-    """Whether the record's holder is a process of this machine (same host, same pid namespace) that
-    no longer exists: its lease can be taken at once instead of after `ttl`."""
+def this_process() -> dict[str, str | int]:
+    """Who holds something (a lease, an MLflow run): this process, on this machine, in its pid namespace."""
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid()}
+
+
+def process_gone(record: dict) -> bool:
+    """Whether the record's holder (this_process() then) is a process of this machine (same host, same pid
+    namespace) that no longer exists; False when that cannot be told (another machine)."""
     if record.get("host") != socket.gethostname() or record.get("pidns") != _pid_namespace():
         return False
     try:
@@ -85,8 +90,7 @@ class StageLease:
     def _record(self, state: str) -> bytes:
         return json.dumps({
             "stage": f"{self.kind}/{self.key}", "state": state, "owner": self.owner,
-            "host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
-            "beat": self.beats, "ttl": self.ttl,
+            **this_process(), "beat": self.beats, "ttl": self.ttl,
             "written_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         }, sort_keys=True).encode()
 
@@ -104,7 +108,7 @@ class StageLease:
             record = json.loads(current)
         except ValueError:
             record = {}
-        if record.get("state") == "released" or _process_gone(record):
+        if record.get("state") == "released" or process_gone(record):
             return True
         now = time.monotonic()
         if self._seen is None or self._seen[0] != current:

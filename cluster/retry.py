@@ -7,8 +7,12 @@ unreachable) is a `TransientError`, and the runner retries the whole stage task 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
+import shutil
+from pathlib import Path
 
 from botocore.config import Config
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +20,33 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class TransientError(Exception):
     """An endpoint stayed unreachable through every retry; trying the whole stage again later may work."""
+
+
+class DiskFull(Exception):
+    """A write found its disk full. Not transient: retrying only repeats it, so a run stops at the first."""
+
+
+_DISK_FULL = re.compile(r"\[Errno 28\] No space left on device(?:: '([^']*)')?|database or disk is full")
+
+
+def disk_full(err: BaseException, where: str) -> DiskFull | None:
+    """A DiskFull naming the path and its free space when `err` (or what it wraps: Ray's task errors keep the
+    original message) is ENOSPC or SQLite's "database or disk is full"; None for any other error. `where`: the
+    folder to report when the error names no file."""
+    found = _DISK_FULL.search(str(err)) or _DISK_FULL.search(repr(getattr(err, "cause", None)))
+    if found is None and not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+        return None
+    path = (found.group(1) if found and found.groups() and found.group(1) else None) or getattr(err, "filename", None)
+    path = str(path or where)
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"disk full writing {path} ({free} on {probe}); free space and run again "
+                    "(finished stages are kept)")
 
 
 class RetryPolicy(BaseModel):

@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
+from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError, disk_full
 from cluster.store import StoreError, clean_key
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,12 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end a run", self.client.set_terminated, run_id, status)
 
+    def running(self, tag: str) -> dict[str, str]:
+        """{run id: value of `tag`} of this experiment's runs that are RUNNING and carry `tag`."""
+        runs = self._call("search runs", self.client.search_runs, [self.experiment_id],
+                          filter_string="attributes.status = 'RUNNING'", max_results=5000)
+        return {r.info.run_id: r.data.tags[tag] for r in runs if tag in r.data.tags}
+
 
 _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
 
@@ -205,7 +211,9 @@ def _redact(text: str) -> str:
 
 
 def _is_transient(err: Exception) -> bool:
-    """A client error (4xx other than 429: bad value, missing run) will not go away by retrying."""
+    """A client error (4xx other than 429: bad value, missing run) or a full disk will not go away by retrying."""
+    if disk_full(err, "") is not None:
+        return False
     if isinstance(err, MlflowException):
         status = err.get_http_status_code()
         return not (400 <= status < 500 and status != 429)

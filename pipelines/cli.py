@@ -263,7 +263,7 @@ def cmd_peft_table(args: argparse.Namespace) -> int:
 
 
 # Errors that mean bad input or an unreachable service: one line on stderr and exit code 2, no traceback.
-DOMAIN_ERRORS = (("cluster.store", "StoreError"), ("cluster.submit", "SubmitError"),
+DOMAIN_ERRORS = (("cluster.store", "StoreError"), ("cluster.retry", "DiskFull"), ("cluster.submit", "SubmitError"),
                  ("cluster.tracking", "TrackingError"), ("pipelines.audit", "AuditError"),
                  ("pipelines.spec", "ConfigError"), ("tasks.data", "DataError"), ("models.weights", "WeightsError"))
 

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,11 @@ import ray
 
 from cluster.checkpoints import discard_train_run
 from cluster.context import StageContext
-from cluster.lease import claim_stage
+from cluster.lease import claim_stage, process_gone, this_process
 from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
 from cluster.preflight import preflight
 from cluster.progress import ConsoleProgress, ProgressBoard
-from cluster.retry import RetryPolicy, task_retry_options
+from cluster.retry import DiskFull, RetryPolicy, TransientError, disk_full, task_retry_options
 from cluster.store import ArtifactStore, open_store
 from cluster.tracking import Tracker, flatten, git_commit
 from pipelines.dag import PACKAGE_ROOT, Node, build_dag, code_version, stage_keys
@@ -97,6 +98,7 @@ def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream
 
 
 RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DRIVER_TAG = "vitpipe.driver"  # the process that runs a pipeline: {"host", "pidns", "pid"} (cluster.lease)
 LOCAL_RAY_TRAIN_POLL_S = "0.2"
 
 
@@ -117,6 +119,36 @@ def connect_ray(cfg: PipelineConfig) -> None:
         # machine runs (another user's `ray start`, a test cluster) through Ray's current-cluster file.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
                  **quiet)
+    route_ray_messages(sys.stderr)
+
+
+NODE_LOST = re.compile(r"node\b.*\b(dead|died|lost|removed|failed)\b|\b(dead|lost|removed)\b.*\bnode\b", re.I)
+
+
+def route_ray_messages(out: TextIO) -> None:
+    """Ray prints the raylet's and GCS's messages (worker-pool warnings, a lost node's ~40-line state dump)
+    straight onto the driver's stdout whatever log_to_driver says. Keep them in Ray's log folder
+    (vitpipe-ray-messages.log) and say one line where they report a lost node."""
+    import ray._private.worker as ray_worker
+
+    node = ray_worker._global_node
+    folder = Path(node.get_logs_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    path = folder / "vitpipe-ray-messages.log"
+    original = getattr(ray_worker.print_to_stdstream, "vitpipe_original", ray_worker.print_to_stdstream)
+
+    def route(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        text = "\n".join(data.get("lines", []))
+        with open(path, "a") as f:
+            f.write(text.rstrip() + "\n")
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        if NODE_LOST.search(first):
+            print(f"vitpipe: Ray reports a lost node: {first[:200]} (Ray's message: {path})", file=out)
+        return None
+
+    route.vitpipe_original = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = route
 
 
 def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
@@ -146,6 +178,8 @@ class _Run:
         self.nodes = build_dag(cfg)
         self.version = code_version()
         self.keys = stage_keys(self.nodes, cfg.seed, self.version)
+        self.driver = json.dumps(this_process(), sort_keys=True)
+        self.abort: DiskFull | None = None  # set by the first stage that finds the disk full
         self.progress = ConsoleProgress(out)
         self.child: dict[str, str] = {}
         self.outcomes: dict[str, NodeOutcome] = {}
@@ -162,24 +196,43 @@ class _Run:
     def end_open_runs(self, status: str) -> None:
         """On any failure of the driver: no run it started may stay RUNNING (best effort: the failure may
         be the tracking store itself, and the original error is what the user must see)."""
-        for run_id in sorted(self.open_runs - {self.parent}) + ([self.parent] if self.parent else []):
+        runs = sorted(self.open_runs - {self.parent}) + ([self.parent] if self.parent else [])
+        for i, run_id in enumerate(runs):
             try:
                 self.finish(run_id, status)
-            except Exception as err:  # noqa: BLE001 - keep ending the others
+            except Exception as err:  # noqa: BLE001 - keep ending the others, unless the tracking store is gone
+                if disk_full(err, self.cfg.work_dir) is not None or isinstance(err, TransientError):
+                    log.warning("could not end %d MLflow run(s): %s; the next run marks them KILLED",
+                                len(runs) - i, _one_line(err))
+                    return
                 log.warning("could not end MLflow run %s: %s", run_id, _one_line(err))
 
+    def reap(self) -> None:
+        """Runs left RUNNING by a driver of this machine that is gone (killed, out of memory, power lost) are
+        marked KILLED, so the MLflow UI shows no phantom live runs; another machine's runs are left alone."""
+        for run_id, driver in self.tracker.running(DRIVER_TAG).items():
+            try:
+                gone = process_gone(json.loads(driver))
+            except (ValueError, TypeError):
+                continue
+            if gone:
+                self.tracker.set_tags(run_id, {"vitpipe.error": "its driver process was gone (found by a later run)"})
+                self.tracker.finish(run_id, "KILLED")
+                log.warning("MLflow run %s was left RUNNING by a driver that is gone: marked KILLED", run_id)
+
     def start_parent(self) -> str:
+        self.reap()
         commit = git_commit(PACKAGE_ROOT) or "unknown"
         tags = {"vitpipe.pipeline": self.cfg.name, "vitpipe.git_commit": commit,
                 "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri,
-                "vitpipe.config_sha": _sha(self.cfg.model_dump(mode="json"))}
+                "vitpipe.config_sha": _sha(self.cfg.model_dump(mode="json")), DRIVER_TAG: self.driver}
         self.parent = self.tracker.start_run(self.cfg.name, tags)
         self.open_runs.add(self.parent)
         self.tracker.log_params(self.parent, flatten(self.cfg.model_dump(mode="json")))
         return self.parent
 
     def lineage_tags(self, node: Node, cached: bool) -> dict[str, str]:
-        tags = {"vitpipe.node": node.name, "vitpipe.stage.kind": node.kind,
+        tags = {"vitpipe.node": node.name, "vitpipe.stage.kind": node.kind, DRIVER_TAG: self.driver,
                 "vitpipe.stage.key": self.keys[node.name], "vitpipe.cached": "yes" if cached else "no",
                 "vitpipe.upstream": json.dumps({r: self.keys[d] for r, d in node.deps.items()}),
                 "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri}
@@ -254,7 +307,10 @@ class _Run:
         try:
             manifest = ray.get(ref)
         except Exception as err:  # a stage failed: record it, keep the independent branches going
-            message = _one_line(err)
+            full = disk_full(err, self.cfg.work_dir)
+            if full is not None:  # ... unless the disk is full: every other stage would fail the same way
+                self.abort = full
+            message = str(full) if full is not None else _one_line(err)
             self.outcomes[node.name] = NodeOutcome(node, key, "failed", seconds, error=message)
             self.tracker.set_tags(run_id, {"vitpipe.error": message[:5000]})
             self.finish(run_id, "FAILED")
@@ -280,6 +336,11 @@ class _Run:
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 self.collect(ref)
+            if self.abort is not None:
+                for ref in self.pending:
+                    ray.cancel(ref, force=True)
+                self.progress.clear()
+                raise self.abort
             if ready:
                 self.schedule()
             if time.monotonic() - board_refresh > 0.5:

@@ -3,11 +3,13 @@ accuracy on a split, and the head's input features."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 from torch import nn
 
+from models.heads import probe_head
 from tasks.data import load_split
 
 
@@ -62,3 +64,12 @@ def features(vit: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Te
            for i in range(0, len(images), batch)]
     vit.train(was_training)
     return torch.cat(out)
+
+
+
+def probed_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> nn.Sequential:
+    """A new head for `model`, a timm ViT with a Linear head: whitening then a Linear at the linear probe's
+    optimum on the model's own features of (images, labels) (models.heads.probe_head). fold_whitening turns it
+    back into a Linear."""
+    head = copy.deepcopy(model.head)  # its weights are replaced: the model keeps its own head
+    return probe_head(head, features(model, images), labels.to(head.weight.device))

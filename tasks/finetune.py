@@ -20,12 +20,12 @@ from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
 from cluster.store import ArtifactStore
 from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
-from models.heads import fold_whitening, probe_head
+from models.heads import fold_whitening
 from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
 from models.vit import ViTSpec
 from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
-from tasks.classification import accuracy, cached_split, classification_loss, features, flip
+from tasks.classification import accuracy, cached_split, classification_loss, flip, probed_head
 from tasks.config import Frozen
 
 
@@ -114,8 +114,7 @@ def build_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights |
     if backbone is not None:
         backbone.load_into(model, cfg.backbone.arch)
     if cfg.head_init == "probe" and probe_split is not None:
-        images, labels = probe_split()
-        model.head = probe_head(model.head, features(model, images), labels)
+        model.head = probed_head(model, *probe_split())
     model = PEFT_METHODS[cfg.method.name].apply(model, cfg.method.config())
     return apply_tome(model, cfg.r_src) if cfg.r_src else model
 

@@ -191,10 +191,18 @@ def test_driver_killed_mid_run_resumes_only_unfinished_nodes(ray_local: str, tmp
     done_before = {n.name for n, _, s in plan(cfg) if s == "cached"}
     assert {"data/faces", "data/textures"} <= done_before and len(done_before) == 3
 
+    client = MlflowClient(cfg.tracking)
+    experiment = client.get_experiment_by_name(cfg.experiment).experiment_id
+    left_running = {r.info.run_id for r in client.search_runs([experiment], "attributes.status = 'RUNNING'")}
+    assert left_running  # what a killed driver leaves: its parent and open children
+
     resumed = run(cfg, io.StringIO())
     assert resumed.ok
     assert {n for n, s in statuses(resumed).items() if s == "ran"} == {
         "finetune/faces/linear", "finetune/textures/linear"} - done_before
+    # the re-run found the killed driver's runs and ended them: no phantom live runs in the UI
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert {client.get_run(r).info.status for r in left_running} == {"KILLED"}
 
 
 def test_mlflow_server_and_s3_store(ray_local, mlflow_server: str, s3_bucket: str, tmp_path: Path) -> None:

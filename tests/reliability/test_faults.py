@@ -95,3 +95,57 @@ def test_stage_keys_change_with_the_packages_that_shape_numerics() -> None:
     for name, module in (("torch", torch), ("timm", timm), ("numpy", numpy)):
         assert f"{name}={module.__version__.split('+')[0]}" in version or f"{name}={module.__version__}" in version
     assert "deepspeed=" in version
+
+
+def test_rays_own_messages_go_to_its_log_folder_and_a_lost_node_is_one_line(ray_local, capsys) -> None:
+    """Ray's driver prints raylet / GCS messages through ray._private.worker.print_to_stdstream (its error
+    listener thread), whatever log_to_driver says; the runner routes them."""
+    import io
+
+    import ray._private.worker as ray_worker
+
+    from pipelines.runner import route_ray_messages
+
+    out = io.StringIO()
+    original = ray_worker.print_to_stdstream
+    route_ray_messages(out)
+    try:
+        pool = "WARNING: 8 PYTHON worker processes have been started on node: ab12 with address: 10.0.0.2"
+        lost = ("The node with node id: 5f3c and address: 10.0.0.3 and node name: 10.0.0.3 has been marked "
+                "dead because the detector has missed too many heartbeats from it.\n" + "state dump line\n" * 40)
+        for text in (pool, lost):
+            ray_worker.print_to_stdstream({"lines": [text], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        ray_worker.print_to_stdstream = original
+    captured = capsys.readouterr()
+    assert "heartbeats" not in captured.out + captured.err and "PYTHON worker" not in captured.out + captured.err
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitpipe: Ray reports a lost node: The node with node id: 5f3c")
+    logged = Path(lines[0].rsplit("Ray's message: ", 1)[1].rstrip(")")).read_text()
+    assert pool in logged and logged.count("state dump line") == 40
+
+
+def test_a_full_disk_is_recognised_through_ray_and_reads_as_one_line(ray_local, tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC: the real error, raised in a Ray task as a stage would."""
+    import ray
+
+    from cluster.retry import DiskFull, disk_full
+    from cluster.tracking import _is_transient
+    from pipelines.cli import _is_domain_error
+
+    @ray.remote
+    def write_a_shard() -> None:
+        with open("/dev/full", "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+
+    with pytest.raises(Exception) as raised:
+        ray.get(write_a_shard.remote())
+    full = disk_full(raised.value, str(tmp_path))
+    assert isinstance(full, DiskFull) and _is_domain_error(full)
+    message = str(full)
+    assert message.startswith(f"disk full writing {tmp_path} (") and "MiB free on" in message
+    assert "\n" not in message and "finished stages are kept" in message
+    assert not _is_transient(raised.value)  # MLflow calls do not retry a full disk five times
+    sqlite = type("OperationalError", (Exception,), {})("database or disk is full")
+    assert disk_full(sqlite, "/tmp") is not None and disk_full(ValueError("bad value"), "/tmp") is None

@@ -90,7 +90,10 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert before["test_accuracy"] == pytest.approx(model.metrics["test_accuracy"])  # merge kept the model
     assert before["test_accuracy"] > 0.5, metrics  # the LP-FT task model is a real one
     assert metrics["convert_max_rel_diff"] < 1e-5, metrics  # exact conversion: the trained model is the pruned one
-    print({k: metrics[k] for k in ("pruned_test_accuracy", "recovered_test_accuracy", "test_accuracy_before")})
+    # keep 0.5 of a 4-block model trained 30 steps: the converted model's features are new ones, and the head
+    # refitted to them (after ToMe + ToCom for the deployed model) brings it back from chance
+    assert metrics["test_accuracy_after"] > 0.5 and metrics["test_accuracy_after"] > metrics["pruned_test_accuracy"]
+    print({k: v for k, v in metrics.items() if "accuracy" in k})
     # the recovery fine-tune is kept only when it beats the converted model on val; else the model is unchanged
     if not out["recovered"]:
         assert metrics["recovered_test_accuracy"] == metrics["pruned_test_accuracy"]
