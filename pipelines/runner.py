@@ -115,11 +115,26 @@ def connect_ray(cfg: PipelineConfig) -> None:
         # default, and each stage waits several polls (start, every report, finish). Poll faster locally;
         # the environment still decides (a cluster's raylets carry their own environment).
         os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
+        loopback_only()
         # address="local": always a new Ray of our own; plain ray.init() would join whatever cluster this
         # machine runs (another user's `ray start`, a test cluster) through Ray's current-cluster file.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
                  **quiet)
     route_ray_messages(sys.stderr)
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """A local Ray serves this process only: every Ray server (GCS, raylet, workers, agents) listens on
+    127.0.0.1, not on all interfaces (unauthenticated gRPC reachable from the network). Ray's own switch for
+    that is the one it uses on macOS and Windows; its processes read it from the environment, this driver from
+    ray_constants (already imported). Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out. docs/decisions.md."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
 
 
 NODE_LOST = re.compile(r"node\b.*\b(dead|died|lost|removed|failed)\b|\b(dead|lost|removed)\b.*\bnode\b", re.I)

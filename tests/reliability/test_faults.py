@@ -149,3 +149,36 @@ def test_a_full_disk_is_recognised_through_ray_and_reads_as_one_line(ray_local, 
     assert not _is_transient(raised.value)  # MLflow calls do not retry a full disk five times
     sqlite = type("OperationalError", (Exception,), {})("database or disk is full")
     assert disk_full(sqlite, "/tmp") is not None and disk_full(ValueError("bad value"), "/tmp") is None
+
+
+LISTENERS = """
+import sys, psutil, ray
+from pipelines.runner import connect_ray
+from pipelines.spec import load_config
+connect_ray(load_config(sys.argv[1]))
+ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])  # workers started too
+pids = {psutil.Process().pid} | {c.pid for c in psutil.Process().children(recursive=True)}
+listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
+             if c.status == psutil.CONN_LISTEN and c.pid in pids]
+print(len(listening), sorted(set(listening)))
+"""
+
+
+@pytest.mark.parametrize(("switch", "loopback"), [(None, True), ("1", False)])
+def test_a_local_ray_listens_on_loopback_only(tmp_path: Path, switch: str | None, loopback: bool) -> None:
+    """Every listening socket of the driver's Ray (GCS, raylet, agents, workers), in a fresh process."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if switch is not None:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = switch  # the documented opt-out
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({"name": "listeners", "work_dir": str(tmp_path / "w"),
+                                      "tasks": {"digits": {"source": "digits"}}}))
+    done = subprocess.run([sys.executable, "-c", LISTENERS, str(config)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.split(maxsplit=1)
+    count, addresses = int(out[0]), eval(out[1])  # noqa: S307 - our own script's printed list
+    assert count >= 4  # GCS, raylet, object manager, workers: the check has something to check
+    assert (set(addresses) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}) == loopback, addresses
