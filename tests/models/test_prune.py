@@ -121,6 +121,21 @@ def test_resrep_forgotten_rows_get_only_the_penalty_and_shrink() -> None:
     assert (end[forget] <= 0.1 + 1e-6).all() and (start[forget] > 0.7).all(), (start, end)
 
 
+def test_resrep_saliency_forgets_the_channels_that_carry_least_output() -> None:
+    """Identity rows all have norm 1: "norm" falls back to the index order, "saliency" sees input energy
+    times the next layer's column (channel 0 is never used downstream, channel 3 has almost no input)."""
+    out_weight = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    x = torch.randn(64, 4) * torch.tensor([1.0, 1.0, 1.0, 0.01])
+    chosen = {}
+    for criterion in ("saliency", "norm"):
+        compactor = Compactor(4, 1, keep=2, lam=1e-4, steps=2, criterion=criterion).train()
+        compactor(x, out_weight).sum().backward()
+        chosen[criterion] = compactor.forget.tolist()
+    assert chosen == {"saliency": [True, False, False, True], "norm": [True, True, False, False]}
+    with pytest.raises(PruneError, match="unknown ResRep criterion 'mag'"):
+        Compactor(4, 1, keep=2, lam=1e-4, steps=2, criterion="mag")
+
+
 def test_resrep_forget_set_ramps_up() -> None:
     compactor = Compactor(10, 1, keep=2, lam=1.0, steps=8).train()  # grows over 4 forwards, fades over 4
     x = torch.randn(3, 10)
