@@ -166,6 +166,14 @@ def route_ray_messages(out: TextIO) -> None:
     ray_worker.print_to_stdstream = route
 
 
+def progress_board() -> Any:
+    """The progress actor, on the driver's node (not on a worker node that may be lost)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ProgressBoard.options(scheduling_strategy=here).remote()
+
+
 def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
     """Ray Train's checkpoints: beside the artifacts (S3 on a cluster, the work dir locally)."""
     if store.uri.startswith("s3://"):
@@ -358,10 +366,15 @@ class _Run:
                 raise self.abort
             if ready:
                 self.schedule()
-            if time.monotonic() - board_refresh > 0.5:
+            if time.monotonic() - board_refresh > 0.5 and self.env_base["board"] is not None:
                 board_refresh = time.monotonic()
                 running = [n.name for n, _ in self.pending.values()]
-                self.progress.draw(running, ray.get(self.env_base["board"].snapshot.remote()))
+                try:
+                    self.progress.draw(running, ray.get(self.env_base["board"].snapshot.remote(), timeout=10))
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                    self.progress.print(f"  vitpipe: progress bars stop here (their actor is gone: "
+                                        f"{type(err).__name__}); the stages go on")
+                    self.env_base["board"] = None
         self.progress.clear()
 
     def start_ray(self) -> None:
@@ -373,7 +386,7 @@ class _Run:
         self.env_base = {"store_uri": self.store.uri, "retry": self.cfg.retry, "tracker": self.tracker,
                          "seed": self.cfg.seed,
                          "train_storage": train_storage(self.cfg, self.store),
-                         "board": ProgressBoard.remote()}
+                         "board": progress_board()}
 
     def fit_gpus(self, nodes: list[Node]) -> list[Node]:
         """On a cluster without GPUs, GPU requests become 0 (one warning), unless ray.gpu_fallback is off.
@@ -400,7 +413,7 @@ class _Run:
                 try:
                     self.follow()
                 finally:
-                    if "board" in self.env_base:
+                    if self.env_base.get("board") is not None:
                         ray.kill(self.env_base["board"])
             summary = RunSummary(self.parent, [self.outcomes[n.name] for n in self.nodes])
             self.record(summary)
