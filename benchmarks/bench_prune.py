@@ -3,8 +3,11 @@ digits, pruned by ResRep (or C-SGD) at keep ratios {1.0, 0.75, 0.5}, each also d
 ToCom Delta(0 -> r) merged into its weights. Every ratio is against the same unpruned model, timed in alternation
 with it (tasks.prune.cpu_speed).
 
-The model: the tiny ViT (32 px, width 64, depth 4, 4 heads) fully trained on sklearn's digits; ToCom self-distilled
-on that model (KL of its logits, teacher at r = m, student at r = n + Delta(m -> n)) on the digits train split.
+The model: the tiny ViT (32 px, width 64, depth 4, 4 heads) fully trained on sklearn's digits. As in the prune
+stage, after the exact conversion the head is refitted as a linear probe on the pruned features when that is
+better on val (not again after ToMe); the unpruned reference gets the same refit, so the drops compare like
+with like. ToCom is self-distilled on the reference (KL of its logits, teacher at r = m, student at
+r = n + Delta(m -> n)) on the digits train split.
 
 Usage: python benchmarks/bench_prune.py [--method resrep] [--train-steps 400] [--prune-steps 100] [--record]
 """
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from cluster.train import TrainConfig, warmup_cosine
+from models.heads import fold_whitening
 from models.prune import PRUNERS, PruneSettings, count_flops, count_params, merge_tocom_pruned
 from models.tocom import TokenCompensator
 from models.tome import apply_tome
@@ -32,7 +36,7 @@ from tasks.classification import accuracy, cached_split, classification_loss, fl
 from tasks.distill import SelfDistillation, distill_loss, sample_pair
 from tasks.prepare import DataNode
 from tasks.prepare import run as prepare_data
-from tasks.prune import cpu_speed
+from tasks.prune import cpu_speed, reprobe
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_RATIOS = (1.0, 0.75, 0.5)
@@ -106,6 +110,8 @@ def main() -> None:
         torch.manual_seed(0)
         base = build_vit("vitpipe_tiny_patch4_32", num_classes=10)
         train(base, list(base.parameters()), classification_loss, labelled(x, y), args.train_steps, 1e-3, 0)
+        base, _ = reprobe(base, uri, 32)  # the reference gets the same head refit as the pruned models
+        base.head = fold_whitening(base.head)
         tocom = distill_tocom(base, x, args.tome_r, args.tocom_steps)
 
         models: dict[str, nn.Module] = {"unpruned": base}
@@ -114,6 +120,8 @@ def main() -> None:
             pruned = PRUNERS[args.method].prepare(copy.deepcopy(base), settings)
             train(pruned, list(pruned.parameters()), classification_loss, labelled(x, y), args.prune_steps, 1e-3, 2)
             structure = PRUNERS[args.method].convert(pruned)
+            pruned, _ = reprobe(pruned, uri, 32)  # as the prune stage: the head refitted, if better on val
+            pruned.head = fold_whitening(pruned.head)
             models[f"keep {k}"] = pruned
             val = {}
             for s in SCALES:
