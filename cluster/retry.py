@@ -36,8 +36,7 @@ def disk_full(err: BaseException, where: str) -> DiskFull | None:
     found = _DISK_FULL.search(str(err)) or _DISK_FULL.search(repr(getattr(err, "cause", None)))
     if found is None and not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
         return None
-    path = (found.group(1) if found and found.groups() and found.group(1) else None) or getattr(err, "filename", None)
-    path = str(path or where)
+    path = str((found.group(1) if found else None) or getattr(err, "filename", None) or where)
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

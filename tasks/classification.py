@@ -66,7 +66,6 @@ def features(vit: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Te
     return torch.cat(out)
 
 
-
 def probed_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> nn.Sequential:
     """A new head for `model`, a timm ViT with a Linear head: whitening then a Linear at the linear probe's
     optimum on the model's own features of (images, labels) (models.heads.probe_head). fold_whitening turns it

@@ -100,10 +100,12 @@ class Compactor(nn.Module):
         """Whether the forget set has its final size (groups - keep)."""
         return int(self.forget.sum()) == self.groups - self.keep
 
-    def effective(self) -> torch.Tensor:
-        """M as the model uses it now: the forgotten rows scaled by the schedule's fade."""
+    def effective(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """M (or `weight`, M on its way through autograd) as the model uses it now: the forgotten rows scaled
+        by the schedule's fade."""
+        weight = self.weight if weight is None else weight
         rows = self.forget.repeat_interleave(self.group_size)
-        return self.weight * torch.where(rows, self.schedule.fade, 1.0)[:, None].to(self.weight)
+        return weight * torch.where(rows, self.schedule.fade, 1.0)[:, None].to(weight)
 
     def forward(self, x: torch.Tensor, out_weight: torch.Tensor | None = None) -> torch.Tensor:
         """x @ M as the schedule has it; `out_weight`: the next layer's weight, for the saliency criterion."""
@@ -119,8 +121,7 @@ class Compactor(nn.Module):
             self.forget.copy_(self.smallest(count, out_weight))
         rows = self.forget.repeat_interleave(self.group_size)
         weight = _ResetGradient.apply(self.weight, rows, self.group_size, self.lam)
-        weight = weight * torch.where(rows, self.schedule.fade, 1.0)[:, None].to(weight)
-        return x @ weight.to(x.dtype)
+        return x @ self.effective(weight).to(x.dtype)
 
     @torch.no_grad()
     def impose(self) -> None:
