@@ -21,6 +21,7 @@ class DataContext:
     start_step: int
     steps: int
     seed: int
+    dataset_shard: Callable[[str], Any] | None = None  # this rank's part of one of the job's Ray Datasets
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class TensorBatches:
 class StreamedBatches:
     """Micro-batches streamed from this worker's shard of a Ray Dataset (a Recipe's `data`).
 
-    For corpora too large for memory: `fit` hands `TrainJob.datasets[name]` to Ray Train, which splits the
-    stream across workers; each worker reads `columns` in micro-batches with a seeded local shuffle and
+    For corpora too large for memory: `fit` hands `TrainJob.datasets[name]` to the session (Ray Train splits the
+    stream across workers); each worker reads `columns` in micro-batches with a seeded local shuffle and
     re-reads the stream for as many passes as the steps need. Unlike TensorBatches, the sample order
     depends on the worker count and a resumed run starts a fresh pass: the price of streaming.
     """
@@ -76,9 +77,9 @@ class StreamedBatches:
     shuffle_buffer: int = 1024
 
     def __call__(self, ctx: DataContext) -> Iterator[Any]:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(self.name)
+        if ctx.dataset_shard is None:
+            raise RuntimeError(f"StreamedBatches({self.name!r}) runs only inside `fit`, which hands it the dataset")
+        shard = ctx.dataset_shard(self.name)
         chunk = 0
         for epoch in itertools.count():
             batches = shard.iter_torch_batches(

@@ -26,6 +26,7 @@ from torch import nn
 
 from cluster.batches import DataContext
 from cluster.checkpoints import CheckpointError, verify_checkpoint, write_digests
+from cluster.sessions import LocalSession, Session, one_rank_world
 
 log = logging.getLogger("vitpipe.train")
 
@@ -65,6 +66,9 @@ class Resources(BaseModel):
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     memory_gb: float | None = Field(None, gt=0)
+    launcher: Literal["auto", "ray_train"] = Field(
+        "auto", description="auto: a one-worker job trains in its node's own process, warm across nodes "
+        "(cluster/sessions.py); ray_train: always through Ray Train's controller and workers")
 
     @model_validator(mode="after")
     def _whole_gpus_when_distributed(self) -> Resources:
@@ -72,11 +76,17 @@ class Resources(BaseModel):
             raise ValueError("fractional gpus_per_worker needs num_workers = 1")
         return self
 
+    @property
+    def in_process(self) -> bool:
+        """The job trains in the calling process (a node's Ray task holding these resources itself)."""
+        return self.num_workers == 1 and self.launcher == "auto"
+
     def ray_resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
         if self.memory_gb:
             res["memory"] = self.memory_gb * 2**30
         return res
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -175,15 +185,19 @@ def _all_mean(value: float, device: torch.device) -> float:
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker; see `fit`."""
-    import deepspeed
-    import ray.train
+    from cluster.sessions import RayTrainSession
 
-    job: TrainJob = config["job"]
+    train_loop(config["job"], RayTrainSession())
+
+
+def train_loop(job: TrainJob, session: Session) -> None:
+    """The loop of one rank: build, resume, step, log, evaluate, checkpoint (nothing else)."""
+    import deepspeed
+
     cfg, recipe = job.train, job.recipe
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     on_gpu = torch.cuda.is_available() and job.resources.gpus_per_worker > 0
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
+    device = torch.device(f"cuda:{session.local_rank}" if on_gpu else "cpu")
     torch.manual_seed(job.seed)
 
     model = recipe.build_model()
@@ -197,12 +211,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
-    state = _resume(engine, rank)
+    state = _resume(engine, session)
     if state["step"] == 0 and rank == 0:
         _evaluate_start(engine, recipe, state)
     data = recipe.data(
         DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
-                    state["step"], cfg.steps, job.seed)
+                    state["step"], cfg.steps, job.seed, session.dataset_shard)
     )
     window_start, window_images = time.perf_counter(), 0
     for step in range(state["step"], cfg.steps):
@@ -227,26 +241,24 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 job.on_log(done, cfg.steps, metrics)
         state["history"].append({"step": done, **{k: v for k, v in metrics.items() if k in sums}})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _checkpoint(engine, recipe, state, done, rank, world)
+            _checkpoint(engine, recipe, state, done, session)
     if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
-        _checkpoint(engine, recipe, state, cfg.steps, rank, world)
+        _checkpoint(engine, recipe, state, cfg.steps, session)
+    engine.destroy()
 
 
-def _resume(engine: Any, rank: int) -> dict[str, Any]:
-    """Restore from Ray Train's latest checkpoint if it is intact (verified before DeepSpeed unpickles
+def _resume(engine: Any, session: Session) -> dict[str, Any]:
+    """Restore from the session's latest checkpoint if it is intact (verified before DeepSpeed unpickles
     it), else start from step 0: a damaged checkpoint is never trusted, whatever the cause."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] = {"step": 0, "history": [], "best": None, "best_state": None}
-    if checkpoint is None:
-        return state
-    with checkpoint.as_directory() as d:
+    with session.restore() as d:
+        if d is None:
+            return state
         try:
             verify_checkpoint(d)
         except CheckpointError as err:
-            if rank == 0:
-                log.warning("ignoring checkpoint %s, training from scratch: %s", checkpoint.path, err)
+            if session.rank == 0:
+                log.warning("ignoring checkpoint %s, training from scratch: %s", d, err)
             return state
         _, client = engine.load_checkpoint(d, tag=DS_TAG)
         state.update(step=client["step"], history=client["history"], best=client["best"])
@@ -268,13 +280,11 @@ def _evaluate_start(engine: Any, recipe: Recipe, state: dict[str, Any]) -> None:
     state["best_state"] = trainable_state(engine.module)
 
 
-def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, rank: int, world: int) -> None:
+def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, session: Session) -> None:
     """Evaluate (rank 0), keep the best trainable state, save a DeepSpeed checkpoint with this rank's
     digests, report."""
-    import ray.train
-
     evaluation: dict[str, float] = {}
-    if rank == 0:
+    if session.rank == 0:
         if recipe.evaluate is not None:
             engine.eval()
             with torch.no_grad():
@@ -286,12 +296,12 @@ def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, r
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG, client_state={
             "step": step, "history": state["history"], "best": state["best"]})
-        if rank == 0:
+        if session.rank == 0:
             save_file(state["best_state"], os.path.join(d, "best.safetensors"))
             Path(d, "result.json").write_text(json.dumps(
                 {"step": step, "history": state["history"], "best": state["best"]}))
-        write_digests(d, rank, world)
-        ray.train.report({"step": step, **evaluation}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        write_digests(d, session.rank, session.world)
+        session.report({"step": step, **evaluation}, d)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -310,23 +320,53 @@ def _batch_len(batch: Any) -> int:
     return int(batch.shape[0])
 
 
-def _read_result(checkpoint: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(result.json, best.safetensors) of the final checkpoint, once it is verified intact."""
-    with checkpoint.as_directory() as d:
-        try:
-            verify_checkpoint(d)
-        except CheckpointError as err:
-            raise CheckpointError(f"final checkpoint {checkpoint.path}: {err}") from None
-        return json.loads(Path(d, "result.json").read_text()), load_file(str(Path(d) / "best.safetensors"))
+def _read_result(directory: str, label: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(result.json, best.safetensors) of the final checkpoint in `directory`, once it is verified intact."""
+    try:
+        verify_checkpoint(directory)
+    except CheckpointError as err:
+        raise CheckpointError(f"final checkpoint {label}: {err}") from None
+    return json.loads(Path(directory, "result.json").read_text()), load_file(str(Path(directory) / "best.safetensors"))
 
 
 def fit(job: TrainJob) -> TrainResult:
-    """Train `job.recipe` on `job.resources.num_workers` Ray Train workers; resume if interrupted.
+    """Train `job.recipe` on `job.resources.num_workers` workers; resume if interrupted.
 
     Re-running a job with the same name and storage path continues from its last checkpoint if that
     is intact, else starts over (cluster/checkpoints.py); the final checkpoint is verified before use.
     Returns the best (or last) trainable state, the per-step loss history and final metrics.
     """
+    summary, state = _fit_here(job) if job.resources.in_process else _fit_ray_train(job)
+    best = {k: v for k, v in (summary["best"] or {}).items() if isinstance(v, int | float)}
+    last = summary["history"][-1] if summary["history"] else {}
+    metrics = {f"final_{k}": v for k, v in last.items() if k != "step"}
+    metrics.update({f"best_{k}" if k in ("score", "step") else k: v for k, v in best.items()})
+    return TrainResult(state=state, history=summary["history"], metrics=metrics)
+
+
+def _fit_here(job: TrainJob) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One worker, in this process (cluster/sessions.py); a failure resumes from the last checkpoint, up to
+    `max_failures` times, as Ray Train restarts a failed worker."""
+    session = LocalSession(job.storage_path, job.name, job.datasets)
+    failures = 0
+    with one_rank_world():
+        while True:
+            try:
+                train_loop(job, session)
+                break
+            except Exception as err:
+                failures += 1
+                if 0 <= job.train.max_failures < failures:
+                    raise
+                log.warning("training run %s failed (%s); resuming from its last checkpoint (failure %d of %s)",
+                            session.label, err, failures, job.train.max_failures)
+    step = session.checkpoints()[-1][0]
+    with session.restore() as d:
+        return _read_result(d, f"{session.label}/checkpoint_{step:06d}")
+
+
+def _fit_ray_train(job: TrainJob) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Any number of workers, started by Ray Train; it restarts failed workers from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -350,9 +390,5 @@ def fit(job: TrainJob) -> TrainResult:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.name} finished without a checkpoint")
-    summary, state = _read_result(result.checkpoint)
-    best = {k: v for k, v in (summary["best"] or {}).items() if isinstance(v, int | float)}
-    last = summary["history"][-1] if summary["history"] else {}
-    metrics = {f"final_{k}": v for k, v in last.items() if k != "step"}
-    metrics.update({f"best_{k}" if k in ("score", "step") else k: v for k, v in best.items()})
-    return TrainResult(state=state, history=summary["history"], metrics=metrics)
+    with result.checkpoint.as_directory() as d:
+        return _read_result(d, result.checkpoint.path)

@@ -42,7 +42,7 @@ class Node:
     kind: str
     cfg: BaseModel
     deps: dict[str, str] = field(default_factory=dict)
-    cpus: float = 0.0  # the node's own Ray task; training stages reserve workers through Ray Train
+    cpus: float = 0.0  # the node's own Ray task, besides the training workers it asks for
 
     @property
     def resources(self) -> Resources | None:
@@ -56,6 +56,14 @@ class Node:
             return {"CPU": self.cpus}
         n = res.num_workers
         return {"CPU": self.cpus + n * res.cpus_per_worker, "GPU": n * res.gpus_per_worker}
+
+    def task_options(self) -> dict[str, float]:
+        """Ray resources of the node's own task: itself, plus its one worker when it trains in that process."""
+        res = self.resources
+        if res is None or not res.in_process:
+            return {"num_cpus": self.cpus}
+        options = {"num_cpus": self.cpus + res.cpus_per_worker, "num_gpus": res.gpus_per_worker}
+        return options | ({"memory": res.memory_gb * 2**30} if res.memory_gb else {})
 
     def with_resources(self, resources: Resources) -> Node:
         return replace(self, cfg=self.cfg.model_copy(update={"resources": resources}))

@@ -312,7 +312,7 @@ class _Run:
         run_id = self.child[node.name]
         self.tracker.set_tags(run_id, self.input_tags(node))
         env = NodeEnv(run_id=run_id, **self.env_base)
-        options = {"num_cpus": node.cpus, "name": node.name, **task_retry_options(self.cfg.retry)}
+        options = {**node.task_options(), "name": node.name, **task_retry_options(self.cfg.retry)}
         ref = execute_node.options(**options).remote(
             node, self.keys[node.name], env, roles, *[self.outcomes[node.deps[r]].manifest for r in roles])
         self.pending[ref] = (node, time.perf_counter())

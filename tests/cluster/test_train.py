@@ -1,4 +1,5 @@
-"""The shared DeepSpeed/Ray Train loop: exact data parallelism and resume after a worker failure."""
+"""The one DeepSpeed loop, in this process or in Ray Train workers: exact data parallelism, the same
+trajectory on either launcher, and resume after a failure (local or S3 checkpoints)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ class _CrashOnce:
         return mlp_loss(model, batch)
 
 
-def _job(tmp_path: Path, name: str, workers: int, loss=mlp_loss, **train) -> TrainJob:
+def _job(tmp_path: Path | str, name: str, workers: int, loss=mlp_loss, launcher: str = "auto", **train) -> TrainJob:
     cfg = TrainConfig(**{"steps": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 2,
                          "checkpoint_every": 4, "log_every": 4, **train})
     recipe = Recipe(mlp, TensorBatches(digits_tensors), loss, evaluate=mlp_accuracy, select_metric="accuracy")
-    return TrainJob(name, recipe, cfg, Resources(num_workers=workers), str(tmp_path / "ray"), seed=3)
+    storage = f"{tmp_path}/ray"
+    return TrainJob(name, recipe, cfg, Resources(num_workers=workers, launcher=launcher), storage, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,15 @@ def test_two_zero2_workers_follow_the_single_worker_trajectory(reference, tmp_pa
         assert torch.allclose(value, two.state[name], atol=1e-4), name
 
 
+def test_one_worker_follows_the_same_trajectory_in_this_process_and_in_ray_train(reference, tmp_path: Path) -> None:
+    assert _job(tmp_path, "here", 1).resources.in_process  # the reference trained in this process
+    ray_train = fit(_job(tmp_path, "ray-train", 1, launcher="ray_train"))
+    assert torch.equal(_losses(reference), _losses(ray_train))
+    for name, value in reference.state.items():
+        assert torch.equal(value, ray_train.state[name]), name
+    assert ray_train.metrics == reference.metrics
+
+
 def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path: Path) -> None:
     accum = fit(_job(tmp_path, "accum", 1, grad_accum=2))
     assert torch.allclose(_losses(reference), _losses(accum), rtol=1e-4, atol=1e-5)
@@ -66,16 +77,28 @@ def test_failed_worker_resumes_from_last_checkpoint(reference, tmp_path: Path) -
     assert resumed.metrics["accuracy"] == pytest.approx(reference.metrics["accuracy"], abs=1e-6)
 
 
-def test_two_workers_stream_a_ray_dataset_for_several_passes(ray_local, tmp_path: Path) -> None:
+def test_a_failed_run_resumes_from_its_checkpoint_in_s3_keeping_the_newest_two(reference, s3_bucket: str,
+                                                                                s3_client, tmp_path: Path) -> None:
+    marker = tmp_path / "crashed"
+    resumed = fit(_job(s3_bucket, "crashy", 1, loss=_CrashOnce(marker, at_call=7)))
+    assert marker.exists(), "the injected failure never happened"
+    assert torch.allclose(_losses(reference), _losses(resumed), rtol=1e-4, atol=1e-5)
+    bucket, root = s3_bucket[len("s3://"):].split("/", 1)
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=f"{root}/ray/crashy/")["Contents"]]
+    assert sorted({k.split("/")[3] for k in keys} - {""}) == ["checkpoint_000008", "checkpoint_000012"]  # "": a folder
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_stream_a_ray_dataset_for_several_passes(ray_local, tmp_path: Path, workers: int) -> None:
     import ray.data
 
     x, y = digits_tensors()
     dataset = ray.data.from_items([{"x": xi.numpy(), "y": int(yi)} for xi, yi in zip(x, y, strict=True)])
     cfg = TrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=2, checkpoint_every=40, log_every=10)
     recipe = Recipe(mlp, StreamedBatches("train", ("x", "y"), shuffle_buffer=64), mlp_loss, evaluate=mlp_accuracy)
-    job = TrainJob("streamed", recipe, cfg, Resources(num_workers=2), str(tmp_path / "ray"), seed=3,
+    job = TrainJob("streamed", recipe, cfg, Resources(num_workers=workers), str(tmp_path / "ray"), seed=3,
                    datasets={"train": dataset})
-    result = fit(job)  # 40 steps x 32 samples = 2.5 passes over the 512 rows, split across the 2 workers
+    result = fit(job)  # 40 steps x 32 samples = 2.5 passes over the 512 rows (split across 2 workers)
     assert [h["step"] for h in result.history] == list(range(1, 41))
     assert _losses(result)[-8:].mean() < _losses(result)[:8].mean() * 0.7
     assert result.metrics["accuracy"] > 0.8

@@ -27,7 +27,8 @@ def test_second_runner_waits_for_the_first_and_reuses_its_outputs(ray_local: str
         "tracking_uri": mlflow_server, "tasks": {"faces": {"source": "faces"}},
         "stages": {"finetune": {
             "methods": ["linear"],
-            "train": {"steps": 60, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 20, "log_every": 10},
+            # long enough (~10 s here) for the second runner to arrive while the first one trains
+            "train": {"steps": 400, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 100, "log_every": 50},
             "resources": {"num_workers": 1, "cpus_per_worker": 1}}},
     }
     path = tmp_path / "race.yaml"
@@ -36,27 +37,33 @@ def test_second_runner_waits_for_the_first_and_reuses_its_outputs(ray_local: str
     store = open_store(cfg.store_uri)
     env = {**os.environ, "RAY_ADDRESS": ray_local}
 
+    gated = ("import pathlib, sys, time; import pipelines.cli as cli\n"  # imports done before the gate opens
+             "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.05)\n"
+             "sys.exit(cli.main(['run', sys.argv[2]]))")
+
     def start(name: str) -> subprocess.Popen:
         log = open(tmp_path / f"{name}.log", "wb")
-        return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
+        gate = tmp_path / f"{name}.go"
+        return subprocess.Popen([sys.executable, "-c", gated, str(gate), str(path)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
     def finetune_lease_held() -> bool:
         return any(json.loads(store.read_bytes(k))["state"] == "held" for k in store.list("leases/finetune"))
 
-    first = start("first")
+    first, second = start("first"), start("second")  # both import now; each runs once its gate opens
+    (tmp_path / "first.go").touch()
     deadline = time.monotonic() + 300
-    try:  # start the second runner while the first one is computing the finetune stage
+    try:  # let the second runner go while the first one is computing the finetune stage
         while not finetune_lease_held():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the first runner never started fine-tuning"
             time.sleep(0.2)
-        second = start("second")
+        (tmp_path / "second.go").touch()
         assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
         assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
-        for proc in (first, locals().get("second")):
-            if proc is not None and proc.poll() is None:
+        for proc in (first, second):
+            if proc.poll() is None:
                 proc.kill()
 
     client = MlflowClient(mlflow_server)

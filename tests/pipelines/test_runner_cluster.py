@@ -1,4 +1,4 @@
-"""The runner on a cluster: GPU requests kept on request, preflight of S3 and MLflow, a killed training worker.
+"""The runner on a cluster: GPU requests kept on request, preflight of S3 and MLflow, a killed training process.
 
 (The CPU fallback of GPU requests and the 2-at-a-time fan-out are checked on test_runner.py's first run.)
 """
@@ -73,47 +73,59 @@ def test_unreachable_mlflow_fails_preflight_in_one_line_and_writes_nothing(
     assert not (tmp_path / "work").exists()
 
 
-def train_workers() -> dict[int, psutil.Process]:
-    """Ray Train worker processes of this test session's Ray (descendants of this process)."""
+def processes(marker: str) -> dict[int, psutil.Process]:
+    """Processes of this test session's Ray (descendants of this process) whose command line has `marker`."""
     found = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
+            if marker in " ".join(proc.cmdline()):
                 found[proc.pid] = proc
         except psutil.Error:
             continue
     return found
 
 
-def test_training_worker_sigkilled_mid_stage_resumes_from_checkpoint(ray_local, tmp_path: Path) -> None:
+# launcher -> (the process that trains, the file that says a checkpoint is registered for a resume)
+TRAINING_PROCESS = {
+    # the node's own Ray task (Ray titles it ray::<task name>); a checkpoint folder is renamed into place whole
+    "auto": ("ray::finetune/digits/linear", "*/checkpoint_0*/digests.rank0.json"),
+    # Ray Train writes its checkpoint manager's snapshot once it has registered a checkpoint (a checkpoint
+    # folder alone may not be registered yet, and a worker killed before that restarts from step 0)
+    "ray_train": ("RayTrainWorker", "*/checkpoint_manager_snapshot.json"),
+}
+
+
+@pytest.mark.parametrize("launcher", ["auto", "ray_train"])
+def test_training_process_sigkilled_mid_stage_resumes_from_checkpoint(ray_local, tmp_path: Path,
+                                                                      launcher: str) -> None:
     path = write_config(tmp_path, "sigkill", tasks=("digits",), steps=160)
-    cfg = load_config(path, ("stages.finetune.train.checkpoint_every=20", "stages.finetune.train.log_every=10"))
+    cfg = load_config(path, ("stages.finetune.train.checkpoint_every=20", "stages.finetune.train.log_every=10",
+                             f"stages.finetune.resources.launcher={launcher}"))
+    marker, registered = TRAINING_PROCESS[launcher]
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(summary=run(cfg, io.StringIO())), daemon=True)
     driver.start()
 
     checkpoints = Path(cfg.work_dir, "ray-train")  # one training run: the finetune node's
     deadline = time.monotonic() + 400
-    # Ray Train writes its checkpoint manager's snapshot once it has registered a checkpoint (a checkpoint
-    # folder alone may not be registered yet, and a worker killed before that restarts from step 0).
-    while not list(checkpoints.glob("*/checkpoint_manager_snapshot.json")):
+    while not list(checkpoints.glob(registered)):
         assert driver.is_alive() and time.monotonic() < deadline, "no checkpoint was written in time"
         time.sleep(0.2)
-    victims = train_workers()
+    victims = processes(marker)
     assert len(victims) == 1, victims
     (pid, victim), = victims.items()
     os.kill(pid, signal.SIGKILL)
     victim.wait(timeout=30)
     replaced = False
     while driver.is_alive() and time.monotonic() < deadline:
-        replaced = replaced or any(p != pid for p in train_workers())
+        replaced = replaced or any(p != pid for p in processes(marker))
         time.sleep(0.2)
     driver.join(timeout=1)
     assert not driver.is_alive(), "the pipeline did not finish in time"
 
     summary = result["summary"]
     assert summary.ok and statuses(summary)["finetune/digits/linear"] == "ran"
-    assert replaced, "no new training worker replaced the killed one"
+    assert replaced, "no new training process replaced the killed one"
     outcome = next(o for o in summary.outcomes if o.node.kind == "finetune")
     client = MlflowClient(cfg.tracking)
     child = outcome.manifest.mlflow_run_id
