@@ -3,7 +3,7 @@ trainings one after another in one process, for K in {1, 2, 4, 8}.
 
 For each K it prints the runner's wall time, the sequential wall time, their ratio (speed-up), and the
 per-node scheduling overhead: a node's time as the runner sees it (launch -> manifest back) minus the
-time spent inside the stage (Ray Train start-up and training included).
+time spent inside the stage (model set-up, training, evaluation and writes).
 The K nodes are K PEFT methods on one task; data and Ray are warmed up before anything is timed.
 
 Usage: python benchmarks/bench_fanout.py [--steps 30] [--ks 1,2,4,8] [--gpu-fraction 0.125] [--record]
@@ -100,9 +100,11 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        # Warm-up (not timed): starts Ray, builds DeepSpeed's extension, prepares the shared data node.
+        # Warm-up (not timed): starts Ray and one worker process per CPU (each imports torch and DeepSpeed
+        # once, as in any run that trains more nodes than it has CPUs), prepares the shared data node.
         through_runner(pipeline_config(work, "warmup", 1, 2, args.gpu_fraction))
         cpus = int(ray.cluster_resources().get("CPU", 0))
+        through_runner(pipeline_config(work, "warmup2", max(1, cpus), 2, args.gpu_fraction))
         for k in ks:
             wall, seen, inside, configs, data = through_runner(
                 pipeline_config(work, f"digits_k{k}", k, args.steps, args.gpu_fraction))

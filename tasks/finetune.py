@@ -6,9 +6,9 @@ The checkpoint is picked on the validation split; the stage stores only what the
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -24,7 +24,7 @@ from models.heads import fold_whitening
 from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
 from models.vit import ViTSpec
-from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
+from tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
 from tasks.classification import accuracy, cached_split, classification_loss, flip, probed_head
 from tasks.config import Frozen
 
@@ -104,19 +104,43 @@ class FinetuneNode(FinetuneConfig):
         return self.train if self.method.lr is None else self.train.model_copy(update={"lr": self.method.lr})
 
 
-def build_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int,
-                probe_split: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
-    """The task model: the backbone (starting weights when given), a new head, the method applied; head and
-    method initialisation follow `seed`. With `probe_split` (the train split's loader) and head_init "probe",
-    the head is whitened and starts at the linear probe's optimum (models/heads.py)."""
+def _backbone_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = cfg.backbone.build(num_classes=num_classes)
     if backbone is not None:
         backbone.load_into(model, cfg.backbone.arch)
-    if cfg.head_init == "probe" and probe_split is not None:
-        model.head = probed_head(model, *probe_split())
+    return model
+
+
+def build_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int,
+                head: nn.Module | None = None) -> nn.Module:
+    """The task model: the backbone (starting weights when given), a new head (a copy of `head` when given),
+    the method applied; head and method initialisation follow `seed`."""
+    model = _backbone_model(cfg, num_classes, backbone, seed)
+    if head is not None:
+        model.head = copy.deepcopy(head)
     model = PEFT_METHODS[cfg.method.name].apply(model, cfg.method.config())
     return apply_tome(model, cfg.r_src) if cfg.r_src else model
+
+
+_PROBED: dict[tuple, nn.Module] = {}  # this process's probed heads: a fan-out's methods on one task share one
+
+
+def starting_head(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, backbone_id: str | None,
+                  seed: int, uri: str) -> nn.Module | None:
+    """With head_init "probe": the head whitened and at the linear probe's optimum on the backbone's own train
+    features (models/heads.py); None: timm's initialisation. It depends only on the backbone (`backbone_id`
+    names it), the data and the seed, not on the method, so the fine-tune nodes of one task that run in one
+    process compute it once."""
+    if cfg.head_init != "probe":
+        return None
+    key = (backbone_id, cfg.backbone.model_dump_json(), num_classes, seed, uri)
+    if key not in _PROBED:
+        model = _backbone_model(cfg, num_classes, backbone, seed)
+        if len(_PROBED) >= 8:  # small (a whitening and a Linear each); the oldest goes
+            del _PROBED[next(iter(_PROBED))]
+        _PROBED[key] = probed_head(model, *cached_split(uri, "train", cfg.backbone.img_size))
+    return copy.deepcopy(_PROBED[key])
 
 
 def load_task_model(store: ArtifactStore, cfg: FinetuneNode, inputs: dict[str, Manifest], seed: int) -> nn.Module:
@@ -138,7 +162,8 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
     backbone = starting_weights(ctx.store, inputs, cfg.backbone)
     ctx.set_tags({"backbone": backbone_tag(backbone)})
     train_split = functools.partial(cached_split, uri, "train", size)
-    build = functools.partial(build_model, cfg, num_classes, backbone, ctx.seed, train_split)
+    head = starting_head(cfg, num_classes, backbone, backbone_identity(inputs, cfg.backbone), ctx.seed, uri)
+    build = functools.partial(build_model, cfg, num_classes, backbone, ctx.seed, head)
     recipe = Recipe(
         build_model=build,
         data=TensorBatches(train_split, flip if cfg.augment else None),
@@ -158,7 +183,7 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
     delta = method.delta_state(model)
     metrics = {
         "test_accuracy": accuracy(model, uri, "test", size),
-        "val_accuracy": accuracy(model, uri, "val", size),
+        "val_accuracy": result.metrics["val_accuracy"],  # the best checkpoint's: measured on these weights
         "trainable_params": float(sum(p.numel() for p in method.trainable_parameters(model).values())),
         "delta_bytes": float(method.delta_nbytes(delta)),
         "train_seconds": train_seconds,
