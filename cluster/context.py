@@ -3,12 +3,47 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import nn
 
 from cluster.manifest import StageWriter
 from cluster.store import ArtifactStore
 from cluster.tracking import StepLogger, Tracker
+from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit, trainable_state
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A stage's trained model (rebuilt by the recipe, the trained state loaded), with what training reported."""
+
+    model: nn.Module
+    metrics: dict[str, float]  # final_<loss part>, best_score, best_step and the best evaluation's metrics
+    history: list[dict[str, float]]
+    seconds: float
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last step's losses, as final_<name>."""
+        return {k: v for k, v in self.metrics.items() if k.startswith("final_")}
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The best-on-val checkpoint's score and step, as best_score / best_step."""
+        return {k: v for k, v in self.metrics.items() if k.startswith("best_")}
+
+
+def load_trained(model: nn.Module, state: dict[str, Any], where: str) -> None:
+    """Load a `fit` result into a freshly built model: exactly its trainable parameters and buffers."""
+    expected = set(trainable_state(model))
+    if missing := sorted(expected - state.keys()):
+        raise RuntimeError(f"{where}: the trained state lacks {missing[:3]} (of {len(missing)} missing)")
+    if unexpected := sorted(state.keys() - expected):
+        raise RuntimeError(f"{where}: the trained state has {unexpected[:3]}, which the rebuilt model does not "
+                           f"train ({len(unexpected)} unexpected)")
+    model.load_state_dict(state, strict=False)  # the frozen rest is the recipe's own build
 
 
 @dataclass
@@ -34,6 +69,20 @@ class StageContext:
         name = self.key if phase is None else f"{self.key}-{phase}"
         self.train_runs.append(name)
         return name
+
+    def fit(self, recipe: Recipe, train: TrainConfig, resources: Resources, phase: str | None = None,
+            datasets: dict[str, Any] | None = None) -> Fitted:
+        """Train `recipe` as this stage's training run (or its `phase`), logging steps to the child run; the
+        model is rebuilt by `recipe.build_model` with the trained state; the loss history is written to the
+        stage output as history.json (history-<phase>.json)."""
+        started = time.perf_counter()
+        result = fit(TrainJob(self.train_run(phase), recipe, train, resources, self.train_storage, self.seed,
+                              on_log=self.step_logger(), datasets=datasets or {}))
+        seconds = time.perf_counter() - started
+        model = recipe.build_model()
+        load_trained(model, result.state, f"{self.node}: training run {self.key}")
+        self.writer.put_json("history.json" if phase is None else f"history-{phase}.json", result.history)
+        return Fitted(model, result.metrics, result.history, seconds)
 
     def step_logger(self) -> StepLogger:
         return StepLogger(self.tracker, self.run_id, self.node, self.board)

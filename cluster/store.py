@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 
+from cluster.fs import is_s3
 from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
 
 # Temporary files of in-flight local writes start with this; keys may not, so list() can skip them.
@@ -216,7 +217,7 @@ def _fsync_dir(path: str) -> None:
 
 def open_store(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> ArtifactStore:
     """`s3://bucket/prefix` -> S3Store; a local path -> LocalStore (directory created if missing)."""
-    if uri.startswith("s3://"):
+    if is_s3(uri):
         from cluster.s3store import S3Store  # boto3 only where S3 is used
 
         bucket, _, prefix = uri[len("s3://") :].partition("/")

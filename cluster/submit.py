@@ -26,6 +26,8 @@ from typing import Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict
 
+from cluster.fs import is_s3
+
 COMMIT_STAMP = ".vitpipe-commit"  # read by cluster.tracking.git_commit where there is no .git
 JOB_DIR = "vitpipe-job"  # inside the shipped working_dir: the pipeline YAML
 DEFAULT_EXCLUDES = (".git", ".venv", "venv", "vitpipe-work", "__pycache__", "*.pyc", "*.egg-info",
@@ -233,7 +235,7 @@ def cluster_warnings(store: str | None, tracking_uri: str | None) -> list[str]:
     if store is None:
         notes.append("no store set (YAML `store:` or VITPIPE_STORE): the job uses the nodes' VITPIPE_STORE "
                      "(ray_cluster.yaml sets it), else a folder on the node that runs the job")
-    elif not store.startswith("s3://"):
+    elif not is_s3(store):
         notes.append(f"store {store} is a path on the cluster's nodes: use an s3:// store (or a filesystem "
                      "shared by every node) so that stages on different nodes see each other's outputs")
     if tracking_uri is None:

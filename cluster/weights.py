@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from cluster.fs import is_s3
 from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
 from models.vit import ViTSpec
 from models.weights import (
@@ -126,7 +127,7 @@ def _unpickle_reason(e: Exception) -> str:
 
 
 def _local_file(source: str, cache_dir: str | Path, retry: RetryPolicy) -> Path:
-    if source.startswith("s3://"):
+    if is_s3(source):
         return _s3_file(source, Path(cache_dir), retry)
     if "://" in source:
         raise WeightsError(f"weights {source}: unsupported URI scheme (use a local path, s3:// or timm:)")

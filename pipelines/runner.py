@@ -23,6 +23,7 @@ import ray
 
 from cluster.checkpoints import discard_train_run
 from cluster.context import StageContext
+from cluster.fs import is_s3
 from cluster.lease import claim_stage, process_gone, this_process
 from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
 from cluster.preflight import preflight
@@ -176,7 +177,7 @@ def progress_board() -> Any:
 
 def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
     """Ray Train's checkpoints: beside the artifacts (S3 on a cluster, the work dir locally)."""
-    if store.uri.startswith("s3://"):
+    if is_s3(store.uri):
         return f"{store.uri.rstrip('/')}/ray-train"
     return str(Path(cfg.work_dir).resolve() / "ray-train")
 

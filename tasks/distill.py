@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from torch import nn
 from cluster.batches import DataContext, TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources, TrainJob, fit
+from cluster.train import Recipe, Resources
 from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
 from models.tome import apply_tome, set_tome_r
 from models.vit import ViTSpec
@@ -187,25 +186,17 @@ def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> Sta
         loss=functools.partial(distill_loss, cfg.tau),
         evaluate=functools.partial(evaluate_distillation, cfg, encoder, ctx.seed, uri, pairs),
     )
-    started = time.perf_counter()
-    result = fit(TrainJob(ctx.train_run(), recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
-                          on_log=ctx.step_logger()))
-    train_seconds = time.perf_counter() - started
-    if result.metrics.get("backbone_unchanged") != 1.0:
+    fitted = ctx.fit(recipe, cfg.train, cfg.resources)
+    if fitted.metrics.get("backbone_unchanged") != 1.0:
         raise RuntimeError(f"distill {ctx.key}: the frozen backbone changed during training")
-
-    model = build_self_distillation(cfg, max_r, encoder, ctx.seed)
-    prefix = "token_compensator."
-    model.token_compensator.load_state_dict(
-        {k.removeprefix(prefix): v for k, v in result.state.items() if k.startswith(prefix)}, strict=True)
-    ctx.writer.put_bytes("tocom.safetensors", save_tocom(model.token_compensator))
-    ctx.writer.put_json("history.json", result.history)
+    compensator = fitted.model.token_compensator
+    ctx.writer.put_bytes("tocom.safetensors", save_tocom(compensator))
     metrics = {
-        **{k: result.metrics[k] for k in ("heldout_kl_without", "heldout_kl_with", "heldout_kl_ratio",
+        **{k: fitted.metrics[k] for k in ("heldout_kl_without", "heldout_kl_with", "heldout_kl_ratio",
                                           "backbone_unchanged")},
-        "tocom_params": float(sum(p.numel() for p in model.token_compensator.parameters())),
-        "train_seconds": train_seconds,
-        **{k: v for k, v in result.metrics.items() if k.startswith("final_")},
+        "tocom_params": float(sum(p.numel() for p in compensator.parameters())),
+        "train_seconds": fitted.seconds,
+        **fitted.final,
     }
     outputs = {"max_r": max_r, "rho": cfg.rho, "scale": cfg.scale, "pairs": len(pairs),
                "backbone": backbone_kind, "backbone_key": backbone_identity(inputs, cfg.backbone)}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
 from typing import Any, Literal
 
 import torch
@@ -19,7 +18,7 @@ from cluster.batches import TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_weights
 from cluster.store import ArtifactStore
-from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
+from cluster.train import Recipe, Resources, TrainConfig
 from models.heads import fold_whitening
 from models.peft import PEFT_METHODS, PeftConfig
 from models.tome import apply_tome
@@ -171,25 +170,19 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
         evaluate=functools.partial(_val_accuracy, uri, size),
         select_metric="val_accuracy",
     )
-    started = time.perf_counter()
-    result = fit(TrainJob(ctx.train_run(), recipe, cfg.effective_train, cfg.resources, ctx.train_storage, ctx.seed,
-                          on_log=ctx.step_logger()))
-    train_seconds = time.perf_counter() - started
-
-    model = build()
-    model.load_state_dict(result.state, strict=False)
+    fitted = ctx.fit(recipe, cfg.effective_train, cfg.resources)
+    model = fitted.model
     model.head = fold_whitening(model.head)  # a plain Linear again: the delta fits a plain timm ViT
     method = PEFT_METHODS[cfg.method.name]
     delta = method.delta_state(model)
     metrics = {
         "test_accuracy": accuracy(model, uri, "test", size),
-        "val_accuracy": result.metrics["val_accuracy"],  # the best checkpoint's: measured on these weights
+        "val_accuracy": fitted.metrics["val_accuracy"],  # the best checkpoint's: measured on these weights
         "trainable_params": float(sum(p.numel() for p in method.trainable_parameters(model).values())),
         "delta_bytes": float(method.delta_nbytes(delta)),
-        "train_seconds": train_seconds,
-        **{k: v for k, v in result.metrics.items() if k.startswith(("final_", "best_"))},
+        "train_seconds": fitted.seconds,
+        **fitted.final, **fitted.best,
     }
     ctx.writer.put_weights("delta.safetensors", delta, metadata={"method": cfg.method.name})
-    ctx.writer.put_json("history.json", result.history)
     return StageResult(metrics=metrics, outputs={"task": cfg.task, "method": cfg.method.name,
                                                  "num_classes": num_classes})

@@ -8,7 +8,6 @@ randomly initialised encoder, so a run shows whether pretraining helped.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Literal
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from cluster.batches import StreamedBatches, TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources, TrainJob, fit
+from cluster.train import Recipe, Resources
 from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
 from models.vit import ViTSpec
 from tasks.augment import contrastive_view, mim_view
@@ -102,17 +101,11 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
         data, datasets = TensorBatches(functools.partial(cached_split, corpus, "train", size), views), {}
     init = starting_weights(ctx.store, {}, cfg.backbone)  # continued pretraining when backbone.weights is set
     recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective, init), data, pretrain_loss)
-    started = time.perf_counter()
-    result = fit(TrainJob(ctx.train_run(), recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
-                          on_log=ctx.step_logger(), datasets=datasets))
-    metrics = {"train_seconds": time.perf_counter() - started,
-               **{k: v for k, v in result.metrics.items() if k.startswith("final_")}}
-
-    model = PretrainModel(cfg.backbone, cfg.objective)
-    model.load_state_dict(result.state, strict=False)
+    fitted = ctx.fit(recipe, cfg.train, cfg.resources, datasets=datasets)
+    metrics = {"train_seconds": fitted.seconds, **fitted.final}
+    model = fitted.model
     ctx.writer.put_weights("encoder.safetensors", model.vit.state_dict(), metadata={"arch": cfg.backbone.arch})
     ctx.writer.put_weights("decoders.safetensors", model.objective.state_dict())
-    ctx.writer.put_json("history.json", result.history)
 
     torch.manual_seed(ctx.seed)
     random_vit = cfg.backbone.build(num_classes=0)

@@ -28,7 +28,7 @@ from torch import nn
 from cluster.batches import TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
-from cluster.train import Recipe, Resources, TrainJob, TrainResult, fit
+from cluster.train import Recipe, Resources
 from models.deploy import export
 from models.heads import fold_whitening
 from models.peft import PEFT_METHODS
@@ -169,21 +169,19 @@ def merged_baseline(ctx: StageContext, ft: FinetuneNode, inputs: dict[str, Manif
 
 
 def prune_and_convert(ctx: StageContext, cfg: PruneNode, baseline: nn.Module, uri: str, size: int
-                      ) -> tuple[nn.Module, list[dict[str, list[int]]], TrainResult]:
+                      ) -> tuple[nn.Module, list[dict[str, list[int]]], dict[str, float]]:
     """Train the pruner's structure (compactors / centripetal clusters) on the task, then fold it into a
-    narrower plain model; returns (pruned model, kept units per block, the training result)."""
+    narrower plain model; returns (pruned model, kept units per block, the training's and the conversion's
+    metrics)."""
     recipe = Recipe(functools.partial(prunable, baseline, cfg.pruner, cfg.settings()), _task_data(cfg, uri, size),
                     classification_loss)
-    result = fit(TrainJob(ctx.train_run(), recipe, cfg.train, cfg.resources, ctx.train_storage, ctx.seed,
-                          on_log=ctx.step_logger()))
-    model = prunable(baseline, cfg.pruner, cfg.settings())
-    model.load_state_dict(result.state, strict=False)
-    model.requires_grad_(False).eval()
+    fitted = ctx.fit(recipe, cfg.train, cfg.resources)
+    model = fitted.model.requires_grad_(False).eval()
     trained = logits(model, uri, "val", size)
     structure = PRUNERS[cfg.pruner].convert(model)  # PruneError if training did not reach the structure
     diff = float((logits(model, uri, "val", size) - trained).abs().max())
-    result.metrics |= {"convert_max_abs_diff": diff, "convert_max_rel_diff": diff / float(trained.abs().max())}
-    return model, structure, result
+    return model, structure, {**fitted.final, "convert_max_abs_diff": diff,
+                              "convert_max_rel_diff": diff / float(trained.abs().max())}
 
 
 def reprobe(model: nn.Module, uri: str, size: int) -> tuple[nn.Module, bool]:
@@ -210,11 +208,7 @@ def recover(ctx: StageContext, cfg: PruneNode, pruned: nn.Module, uri: str, size
         return pruned, False
     recipe = Recipe(functools.partial(trainable_copy, pruned), _task_data(cfg, uri, size), classification_loss,
                     evaluate=functools.partial(_val_accuracy, uri, size), select_metric="val_accuracy")
-    result = fit(TrainJob(ctx.train_run("recover"), recipe, cfg.recover, cfg.resources, ctx.train_storage, ctx.seed,
-                          on_log=ctx.step_logger()))
-    recovered = trainable_copy(pruned)
-    recovered.load_state_dict(result.state)
-    recovered.requires_grad_(False).eval()
+    recovered = ctx.fit(recipe, cfg.recover, cfg.resources, phase="recover").model.requires_grad_(False).eval()
     if accuracy(recovered, uri, "val", size) < accuracy(pruned, uri, "val", size):
         return pruned, False
     return recovered, True
@@ -249,7 +243,7 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
     uri, size, r_src = data["uri"], ft.backbone.img_size, ft.r_src
     baseline = merged_baseline(ctx, ft, inputs)
     started = time.perf_counter()
-    model, structure, result = prune_and_convert(ctx, cfg, baseline, uri, size)
+    model, structure, trained = prune_and_convert(ctx, cfg, baseline, uri, size)
     pruned_accuracy = accuracy(model, uri, "test", size)
     model, reprobed = reprobe(model, uri, size)
     reprobed_accuracy = accuracy(model, uri, "test", size)
@@ -278,10 +272,8 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
         "params_ratio": after["params"] / before["params"], "flops_ratio": after["flops"] / before["flops"],
         "latency_ratio": after["latency_ms_b1"] / before["latency_ms_b1"],
         "throughput_ratio": after["throughput_b64"] / before["throughput_b64"],
-        **{k: v for k, v in result.metrics.items() if k.startswith("convert_")},
-        **{k: v for k, v in result.metrics.items() if k.startswith("final_")},
+        **trained,
     }
-    ctx.writer.put_json("history.json", result.history)
     outputs = {"task": ft.task, "method": ft.method.name, "pruner": cfg.pruner, "keep_ratio": cfg.keep_ratio,
                "merged": PEFT_METHODS[ft.method.name].mergeable, "reprobed": reprobed, "recovered": recovered,
                "reprobed_deployed": reprobed_deployed,
