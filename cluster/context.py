@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from cluster.manifest import StageWriter
+from cluster.manifest import StageWriter, canonical_json
 from cluster.store import ArtifactStore
 from cluster.tracking import StepLogger, Tracker
 from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit, trainable_state
@@ -81,11 +81,17 @@ class StageContext:
         seconds = time.perf_counter() - started
         model = recipe.build_model()
         load_trained(model, result.state, f"{self.node}: training run {self.key}")
-        self.writer.put_json("history.json" if phase is None else f"history-{phase}.json", result.history)
+        history = "history.json" if phase is None else f"history-{phase}.json"
+        self.put_logged(history, canonical_json(result.history))
         return Fitted(model, result.metrics, result.history, seconds)
 
     def step_logger(self) -> StepLogger:
         return StepLogger(self.tracker, self.run_id, self.node, self.board)
+
+    def put_logged(self, name: str, data: bytes) -> None:
+        """A stage output file that the child run shows too (a model's delta, a loss history)."""
+        self.writer.put_bytes(name, data)
+        self.log_artifact(name, data)
 
     def log_artifact(self, name: str, data: bytes) -> None:
         if self.tracker and self.run_id:

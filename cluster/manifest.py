@@ -64,6 +64,12 @@ def _entry(data: bytes) -> FileEntry:
     return FileEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+def weights_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Tensors as safetensors bytes (moved to CPU and made contiguous)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(cpu, metadata=metadata)
+
+
 class StageWriter:
     """Writes one stage's files, recording size and sha256 of each; `commit` writes the manifest last.
 
@@ -102,8 +108,7 @@ class StageWriter:
         self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
     ) -> FileEntry:
         """Write tensors as safetensors (moved to CPU and made contiguous; no pickle involved)."""
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        return self.put_bytes(name, safetensors.torch.save(cpu, metadata=metadata))
+        return self.put_bytes(name, weights_bytes(tensors, metadata))
 
     def put_file(self, name: str, local_path: str) -> FileEntry:
         """Copy a local file (e.g. a plot) into the stage output."""

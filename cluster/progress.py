@@ -21,7 +21,7 @@ class ProgressBoard:
         self.state: dict[str, dict[str, Any]] = {}
 
     def update(self, node: str, step: int, total: int, metrics: dict[str, float]) -> None:
-        self.state[node] = {"step": step, "total": total, **metrics}
+        self.state[node] = {**self.state.get(node, {}), "step": step, "total": total, **metrics}
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return self.state

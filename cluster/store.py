@@ -24,6 +24,10 @@ class StoreError(Exception):
     """An artifact store operation failed; the message names the store URI and the key."""
 
 
+class StoreNotFound(StoreError):
+    """A read-only command was pointed at a local store directory that does not exist."""
+
+
 class StoreUnavailable(StoreError, TransientError):
     """The store's endpoint did not answer (or kept answering 5xx/throttling) through every retry."""
 
@@ -95,11 +99,16 @@ class ArtifactStore(abc.ABC):
 
 
 class LocalStore(ArtifactStore):
-    """A directory on a local (or mounted shared) filesystem; created if missing."""
+    """A directory on a local (or mounted shared) filesystem; created if missing, unless `create` is False
+    (read-only commands: then a missing directory is a StoreNotFound)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, create: bool = True) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.uri = self.root
+        if not create:
+            if not os.path.isdir(self.root):
+                raise StoreNotFound(f"store not found at {self.root}")
+            return
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
@@ -215,8 +224,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def open_store(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> ArtifactStore:
-    """`s3://bucket/prefix` -> S3Store; a local path -> LocalStore (directory created if missing)."""
+def open_store(uri: str, retry: RetryPolicy = DEFAULT_RETRY, create: bool = True) -> ArtifactStore:
+    """`s3://bucket/prefix` -> S3Store; a local path -> LocalStore (directory created if missing, unless
+    `create` is False: read-only commands create nothing)."""
     if is_s3(uri):
         from cluster.s3store import S3Store  # boto3 only where S3 is used
 
@@ -224,7 +234,7 @@ def open_store(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> ArtifactStore:
         return S3Store(bucket, prefix, retry=retry)
     if "://" in uri:
         raise StoreError(f"{uri}: unsupported store URI scheme (use a local path or s3://bucket/prefix)")
-    return LocalStore(uri)
+    return LocalStore(uri, create=create)
 
 
 def check_writable(store: ArtifactStore) -> None:

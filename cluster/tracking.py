@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -85,7 +85,7 @@ class Tracker:
     _experiment_id: str | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
-        return f"Tracker({_redact(self.uri)!r}, {self.experiment!r})"
+        return f"Tracker({redact(self.uri)!r}, {self.experiment!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         return {"uri": self.uri, "experiment": self.experiment, "retry": self.retry, "_client": None,
@@ -114,7 +114,7 @@ class Tracker:
             return found.experiment_id
         try:
             return self.client.create_experiment(
-                self.experiment, artifact_location=default_artifact_root(self.uri))
+                self.experiment, artifact_location=default_artifact_root(self.uri), tags=EXPERIMENT_TAGS)
         except Exception:  # created concurrently by another process
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:
@@ -130,8 +130,8 @@ class Tracker:
             except Exception as err:
                 transient = _is_transient(err)
                 if attempt == attempts - 1 or not transient:
-                    lines = _redact(str(err)).strip().splitlines() or [type(err).__name__]
-                    where = f"MLflow at {_redact(self.uri)}: cannot {what}"
+                    lines = redact(str(err)).strip().splitlines() or [type(err).__name__]
+                    where = f"MLflow at {redact(self.uri)}: cannot {what}"
                     if transient:
                         raise TrackingUnavailable(f"{where} after {attempts} tries: {lines[0][:300]}") from None
                     raise TrackingError(f"{where}: {lines[0][:300]}") from None
@@ -143,7 +143,7 @@ class Tracker:
         self._call("reach the tracking server", self.client.search_experiments, max_results=1)
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        tags = {k: _redact(str(v)) for k, v in tags.items()}
+        tags = {k: redact(str(v)) for k, v in tags.items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self._call("create a run", self.client.create_run, self.experiment_id,
@@ -151,7 +151,7 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(k, _redact(v)) for k, v in params.items()]
+        items = [Param(k, redact(v)) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             self._call("log params", self.client.log_batch, run_id, params=items[i:i + BATCH])
 
@@ -161,9 +161,19 @@ class Tracker:
         for i in range(0, len(items), BATCH):
             self._call("log metrics", self.client.log_batch, run_id, metrics=items[i:i + BATCH])
 
+    def log_dataset(self, run_id: str, name: str, fingerprint: str, uri: str, profile: dict[str, Any],
+                    context: str) -> None:
+        """A dataset the run read, in MLflow's datasets table: its content fingerprint as the digest (the first
+        36 hex digits: MLflow's column width), its location, its row and class counts, its role."""
+        source = json.dumps({"uri": redact(uri)})
+        dataset = Dataset(name, fingerprint[:36], "s3" if uri.startswith("s3://") else "local", source,
+                          profile=redact(json.dumps(profile, sort_keys=True)))
+        tags = [InputTag("mlflow.data.context", context)]
+        self._call("log a dataset", self.client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self._call("set tags", self.client.log_batch, run_id,
-                   tags=[RunTag(k, _redact(str(v))) for k, v in tags.items()])
+                   tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_bytes(self, run_id: str, name: str, data: bytes) -> None:
         """A small artifact (JSON, PNG, a manifest) under the run's artifact root."""
@@ -177,6 +187,10 @@ class Tracker:
             path.write_bytes(data)
             folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
             self._call("log an artifact", self.client.log_artifact, run_id, str(path), folder)
+
+    def log_table(self, run_id: str, columns: dict[str, list[Any]], name: str) -> None:
+        """A table artifact the MLflow UI shows as a table (its artifact view and run comparison)."""
+        self._call("log a table", self.client.log_table, run_id, columns, name)
 
     def register_model(self, run_id: str, name: str, local_dir: str, artifact_path: str,
                        tags: dict[str, str]) -> tuple[str, str]:
@@ -205,7 +219,15 @@ class Tracker:
 _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
 
 
-def _redact(text: str) -> str:
+# The UI opens a model-training experiment in its training view (not the GenAI one) and shows the description.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "vitpipe pipeline runs: one parent run per `vitpipe run`, one child run per stage node "
+                           "(tags vitpipe.node, vitpipe.stage.key); models are registered by the prune stage.",
+}
+
+
+def redact(text: str) -> str:
     """Drop `user:password@` from every URI in `text` before it is logged or shown."""
     return _USERINFO.sub(r"\1", text)
 

@@ -213,7 +213,7 @@ def train_loop(job: TrainJob, session: Session) -> None:
 
     state = _resume(engine, session)
     if state["step"] == 0 and rank == 0:
-        _evaluate_start(engine, recipe, state)
+        _evaluate_start(engine, job, state)
     data = recipe.data(
         DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
                     state["step"], cfg.steps, job.seed, session.dataset_shard)
@@ -241,9 +241,9 @@ def train_loop(job: TrainJob, session: Session) -> None:
                 job.on_log(done, cfg.steps, metrics)
         state["history"].append({"step": done, **{k: v for k, v in metrics.items() if k in sums}})
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _checkpoint(engine, recipe, state, done, session)
+            _checkpoint(engine, job, state, done, session)
     if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
-        _checkpoint(engine, recipe, state, cfg.steps, session)
+        _checkpoint(engine, job, state, cfg.steps, session)
     engine.destroy()
 
 
@@ -268,27 +268,36 @@ def _resume(engine: Any, session: Session) -> dict[str, Any]:
     return state
 
 
-def _evaluate_start(engine: Any, recipe: Recipe, state: dict[str, Any]) -> None:
-    """The initial state is the first candidate for best-on-val: a run that only makes validation worse (a head
-    started at the linear probe's optimum, then disturbed) returns what it started from."""
-    if recipe.evaluate is None or recipe.select_metric is None:
-        return
+def _evaluate(engine: Any, job: TrainJob, step: int) -> dict[str, float]:
+    """The recipe's evaluation of the model now (rank 0), logged at `step` as eval/<name>: the validation
+    curve (the plain names are the stage's final figures)."""
     engine.eval()
     with torch.no_grad():
-        evaluation = recipe.evaluate(engine.module)
+        evaluation = job.recipe.evaluate(engine.module)
+    if job.on_log is not None and evaluation:
+        job.on_log(step, job.train.steps, {f"eval/{k}": v for k, v in evaluation.items()})
+    return evaluation
+
+
+def _evaluate_start(engine: Any, job: TrainJob, state: dict[str, Any]) -> None:
+    """The initial state is the first candidate for best-on-val: a run that only makes validation worse (a head
+    started at the linear probe's optimum, then disturbed) returns what it started from."""
+    recipe = job.recipe
+    if recipe.evaluate is None or recipe.select_metric is None:
+        return
+    evaluation = _evaluate(engine, job, 0)
     state["best"] = {"score": evaluation.get(recipe.select_metric), "step": 0, **evaluation}
     state["best_state"] = trainable_state(engine.module)
 
 
-def _checkpoint(engine: Any, recipe: Recipe, state: dict[str, Any], step: int, session: Session) -> None:
+def _checkpoint(engine: Any, job: TrainJob, state: dict[str, Any], step: int, session: Session) -> None:
     """Evaluate (rank 0), keep the best trainable state, save a DeepSpeed checkpoint with this rank's
     digests, report."""
+    recipe = job.recipe
     evaluation: dict[str, float] = {}
     if session.rank == 0:
         if recipe.evaluate is not None:
-            engine.eval()
-            with torch.no_grad():
-                evaluation = recipe.evaluate(engine.module)
+            evaluation = _evaluate(engine, job, step)
         score = evaluation.get(recipe.select_metric) if recipe.select_metric else None
         if state["best_state"] is None or score is None or score > state["best"]["score"]:
             state["best"] = {"score": score, "step": step, **evaluation}

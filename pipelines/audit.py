@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from cluster.manifest import load_manifest, verify_manifest
-from cluster.store import open_store
+from cluster.store import StoreNotFound, open_store
+from cluster.tracking import redact
 
 
 class AuditError(Exception):
@@ -25,17 +27,26 @@ class AuditRow:
     problems: list[str]
 
 
-def audit(run_id: str, tracking_uri: str) -> tuple[dict[str, str], list[AuditRow]]:
-    """(parent tags, one row per node) where each row lists the node's checksum problems (none = ok)."""
+def audit(run_id: str, tracking_uri: str, store_uri: str | None = None
+          ) -> tuple[dict[str, str], list[AuditRow], str]:
+    """(parent tags, one row per node listing its checksum problems (none = ok), the store read). Reads only:
+    a missing SQLite file or store folder is an AuditError, never created. `store_uri`: where the run's store
+    is now, when it moved (default: the one the run recorded)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise AuditError(f"no MLflow database at {tracking_uri.removeprefix('sqlite:///')} (give --tracking-uri)")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         parent = client.get_run(run_id)
     except Exception:
-        raise AuditError(f"{tracking_uri}: no run {run_id!r}") from None
+        raise AuditError(f"{redact(tracking_uri)}: no run {run_id!r}") from None
     tags = parent.data.tags
     if "vitpipe.store" not in tags:
         raise AuditError(f"run {run_id} is not a vitpipe pipeline run (no vitpipe.store tag)")
-    store = open_store(tags["vitpipe.store"])
+    store_uri = store_uri or tags["vitpipe.store"]
+    try:
+        store = open_store(store_uri, create=False)
+    except StoreNotFound:
+        raise AuditError(f"store not found at {store_uri} (moved? give its place with --store)") from None
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
                                   max_results=10_000)
@@ -47,12 +58,12 @@ def audit(run_id: str, tracking_uri: str) -> tuple[dict[str, str], list[AuditRow
         problems = ["manifest missing"] if manifest is None else verify_manifest(store, manifest)
         rows.append(AuditRow(t["vitpipe.node"], kind, key, t.get("vitpipe.cached", "?"),
                              json.loads(t.get("vitpipe.upstream", "{}")), problems))
-    return tags, rows
+    return tags, rows, store.uri
 
 
-def format_audit(run_id: str, tags: dict[str, str], rows: list[AuditRow]) -> str:
+def format_audit(run_id: str, tags: dict[str, str], rows: list[AuditRow], tracking_uri: str, store: str) -> str:
     lines = [f"run {run_id}: pipeline {tags.get('vitpipe.pipeline')}, commit {tags.get('vitpipe.git_commit')}, "
-             f"code {tags.get('vitpipe.code_version')}", f"store {tags['vitpipe.store']}"]
+             f"code {tags.get('vitpipe.code_version')}", f"tracking {redact(tracking_uri)}; store {store}"]
     for r in rows:
         state = "ok" if not r.problems else "CORRUPT: " + "; ".join(r.problems)
         up = ", ".join(f"{role}={k[:12]}" for role, k in r.upstream.items()) or "-"

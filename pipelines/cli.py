@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="lineage of a finished run, with checksums re-verified")
     audit.add_argument("run_id")
     audit.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI, else the demo's)")
+    audit.add_argument("--store", help="the run's artifact store, if it moved (default: the one the run recorded)")
 
     table = sub.add_parser("peft-table", help="trainable parameters and stored delta size of every PEFT method")
     table.add_argument("--arch", default="vit_base_patch16_224", help="timm ViT name (architecture only)")
@@ -92,9 +93,13 @@ def _environment_defaults(cfg):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from cluster.tracking import redact
     from pipelines.runner import plan
 
-    rows = plan(_load(args))
+    cfg = _load(args)
+    rows = plan(cfg)
+    store = cfg.store_uri if "://" in cfg.store_uri else os.path.abspath(cfg.store_uri)
+    print(f"store {store}; tracking {redact(cfg.tracking)}")
     for node, key, status in rows:
         deps = ", ".join(node.deps.values()) or "-"
         print(f"{status:<8} {node.name:<38} {key[:12]}  <- {deps}")
@@ -104,10 +109,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cluster.tracking import redact
     from pipelines.runner import run
+    from pipelines.spec import load_config
 
-    summary = run(_load(args))
-    print(f"MLflow run {summary.run_id}; audit it with: vitpipe audit {summary.run_id}")
+    cfg = _load(args)
+    summary = run(cfg)
+    # audit's default tracking URI is the default config's; name this run's when it is another one
+    where = "" if cfg.tracking == load_config(DEFAULT_CONFIG).tracking else f" --tracking-uri {redact(cfg.tracking)}"
+    print(f"MLflow run {summary.run_id}; audit it with: vitpipe audit {summary.run_id}{where}")
     return 0 if summary.ok else 1
 
 
@@ -196,8 +206,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from pipelines.spec import load_config
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or load_config(DEFAULT_CONFIG).tracking
-    tags, rows = audit(args.run_id, uri)
-    print(format_audit(args.run_id, tags, rows))
+    tags, rows, store = audit(args.run_id, uri, args.store)
+    print(format_audit(args.run_id, tags, rows, uri, store))
     return 0 if all(not r.problems for r in rows) else 1
 
 

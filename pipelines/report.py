@@ -65,6 +65,11 @@ def _print_prune(outcomes: list[Any], out: TextIO) -> None:
                      f"{b['throughput_b64']:.0f}->{a['throughput_b64']:.0f}"])
     out.write("\npruned + merged models against the unpruned fine-tuned model (before -> after)\n"
               + _format_table(header, rows) + "\n")
+    for p in pruned:
+        for kind, text in p.get("flags", {}).items():
+            withheld = kind in ("chance", "slower") and p.get("registered") is None
+            note = "; not registered (stages.prune.register_flagged: true registers it)" if withheld else ""
+            out.write(f"flagged  {p['task']}/{p['method']}/{p['pruner']}: {text}{note}\n")
 
 
 def print_summary(outcomes: list[Any], groups: dict[str, str | None], out: TextIO) -> None:

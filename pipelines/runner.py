@@ -1,13 +1,15 @@
 """The runner: DAG of plain Ray tasks over the durable stage cache, tracked in MLflow.
 
 Every node is looked up by key first; a verified manifest is a hit and nothing runs. Misses run as
-Ray tasks that receive their upstream manifests as ObjectRefs, so independent nodes run concurrently
-within the cluster's resources. A node commits its manifest last, which makes a killed pipeline
-resumable: the re-run skips committed nodes and Ray Train resumes half-trained ones.
+Ray tasks, launched once their upstream nodes have committed (they receive the upstream manifests),
+so independent nodes run concurrently within the cluster's resources. A node commits its manifest
+last, which makes a killed pipeline resumable: the re-run skips committed nodes and a half-trained
+node resumes from its last verified checkpoint. A node's MLflow child run opens when it starts.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -29,10 +31,10 @@ from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifes
 from cluster.preflight import preflight
 from cluster.progress import ConsoleProgress, ProgressBoard
 from cluster.retry import DiskFull, RetryPolicy, TransientError, disk_full, task_retry_options
-from cluster.store import ArtifactStore, open_store
+from cluster.store import ArtifactStore, StoreNotFound, open_store
 from cluster.tracking import Tracker, flatten, git_commit
 from pipelines.dag import PACKAGE_ROOT, Node, build_dag, code_version, stage_keys
-from pipelines.report import print_summary, summary_artifacts
+from pipelines.report import accuracy_table, print_summary, summary_artifacts
 from pipelines.spec import PipelineConfig
 from tasks.stages import STAGES
 
@@ -183,12 +185,16 @@ def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
 
 
 def plan(cfg: PipelineConfig) -> list[tuple[Node, str, str]]:
-    """(node, key, "cached" | "pending") in topological order; runs nothing."""
-    store = open_store(cfg.store_uri)
+    """(node, key, "cached" | "pending") in topological order; runs nothing and creates nothing (a store that
+    does not exist yet has nothing cached)."""
+    try:
+        store = open_store(cfg.store_uri, cfg.retry, create=False)
+    except StoreNotFound:
+        store = None
     nodes = build_dag(cfg)
     keys = stage_keys(nodes, cfg.seed, code_version())
-    return [(n, keys[n.name], "cached" if load_manifest(store, n.kind, keys[n.name]) else "pending")
-            for n in nodes]
+    cached = {n.name for n in nodes if store is not None and load_manifest(store, n.kind, keys[n.name])}
+    return [(n, keys[n.name], "cached" if n.name in cached else "pending") for n in nodes]
 
 
 class _Run:
@@ -203,6 +209,7 @@ class _Run:
         self.version = code_version()
         self.keys = stage_keys(self.nodes, cfg.seed, self.version)
         self.driver = json.dumps(this_process(), sort_keys=True)
+        self.source_tags = source_tags(cfg.name)
         self.abort: DiskFull | None = None  # set by the first stage that finds the disk full
         self.progress = ConsoleProgress(out)
         self.child: dict[str, str] = {}
@@ -245,18 +252,20 @@ class _Run:
                 log.warning("MLflow run %s was left RUNNING by a driver that is gone: marked KILLED", run_id)
 
     def start_parent(self) -> str:
+        """The pipeline's parent run, named <pipeline>-<UTC time>-<4 hex> so that runs of one pipeline differ."""
         self.reap()
         commit = git_commit(PACKAGE_ROOT) or "unknown"
-        tags = {"vitpipe.pipeline": self.cfg.name, "vitpipe.git_commit": commit,
+        tags = {**self.source_tags, "vitpipe.pipeline": self.cfg.name, "vitpipe.git_commit": commit,
                 "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri,
                 "vitpipe.config_sha": _sha(self.cfg.model_dump(mode="json")), DRIVER_TAG: self.driver}
-        self.parent = self.tracker.start_run(self.cfg.name, tags)
+        name = f"{self.cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.urandom(2).hex()}"
+        self.parent = self.tracker.start_run(name, tags)
         self.open_runs.add(self.parent)
         self.tracker.log_params(self.parent, flatten(self.cfg.model_dump(mode="json")))
         return self.parent
 
     def lineage_tags(self, node: Node, cached: bool) -> dict[str, str]:
-        tags = {"vitpipe.node": node.name, "vitpipe.stage.kind": node.kind, DRIVER_TAG: self.driver,
+        tags = {**self.source_tags, "vitpipe.node": node.name, "vitpipe.stage.kind": node.kind, DRIVER_TAG: self.driver,
                 "vitpipe.stage.key": self.keys[node.name], "vitpipe.cached": "yes" if cached else "no",
                 "vitpipe.upstream": json.dumps({r: self.keys[d] for r, d in node.deps.items()}),
                 "vitpipe.code_version": self.version, "vitpipe.store": self.store.uri}
@@ -270,17 +279,30 @@ class _Run:
             return {}
         return {"vitpipe.data.fingerprint": data.manifest.outputs["fingerprint"]}
 
-    def open_node(self, node: Node) -> None:
-        """A child run per node; a cache hit is recorded at once, a miss waits to be scheduled."""
-        key = self.keys[node.name]
-        cached = load_manifest(self.store, node.kind, key)
-        run_id = self.tracker.start_run(node.name, self.lineage_tags(node, cached is not None), self.parent)
+    def start_child(self, node: Node, cached: bool) -> str:
+        """The node's child run, opened when the node starts (or is found cached, or skipped), so that its
+        MLflow duration is the node's own."""
+        run_id = self.tracker.start_run(node.name, self.lineage_tags(node, cached), self.parent)
         self.child[node.name] = run_id
         self.open_runs.add(run_id)
-        self.tracker.log_params(run_id, flatten(node.cfg.model_dump(mode="json", by_alias=True)))
+        self.tracker.log_params(run_id, flatten(node.cfg.tracked_params()))
+        for role in ("data", "corpus"):  # MLflow's datasets table: what the node reads
+            made = self.outcomes.get(node.deps.get(role, ""))
+            if made is not None and made.manifest is not None:
+                out = made.manifest.outputs
+                profile = {"rows": out["counts"], "classes": len(out["classes"]), "source": out["source"]}
+                self.tracker.log_dataset(run_id, node.deps[role].removeprefix("data/"), out["fingerprint"],
+                                         out["uri"], profile, "training")
+        return run_id
+
+    def open_node(self, node: Node) -> None:
+        """A cache hit is recorded at once in its child run; a miss waits to be scheduled."""
+        key = self.keys[node.name]
+        cached = load_manifest(self.store, node.kind, key)
         if cached is None:
             self.waiting.append(node)
             return
+        run_id = self.start_child(node, cached=True)
         self.tracker.log_metrics(run_id, cached.metrics)
         self.finish(run_id)
         self.outcomes[node.name] = NodeOutcome(node, key, "cached", manifest=cached)
@@ -310,8 +332,7 @@ class _Run:
 
     def launch(self, node: Node) -> None:
         roles = list(node.deps)
-        run_id = self.child[node.name]
-        self.tracker.set_tags(run_id, self.input_tags(node))
+        run_id = self.start_child(node, cached=False)
         env = NodeEnv(run_id=run_id, **self.env_base)
         options = {**node.task_options(), "name": node.name, **task_retry_options(self.cfg.retry)}
         ref = execute_node.options(**options).remote(
@@ -321,7 +342,7 @@ class _Run:
     def skip(self, node: Node) -> None:
         message = "an upstream node failed"
         self.outcomes[node.name] = NodeOutcome(node, self.keys[node.name], "skipped", error=message)
-        self.finish(self.child[node.name], "KILLED")
+        self.finish(self.start_child(node, cached=False), "KILLED")
         self.progress.print(f"  skipped  {node.name}: {message}")
 
     def collect(self, ref: Any) -> None:
@@ -432,7 +453,23 @@ class _Run:
         self.tracker.log_metrics(self.parent, metrics)
         for name, data in artifacts.items():
             self.tracker.log_bytes(self.parent, name, data)
+        tasks, methods, cells = accuracy_table(summary.outcomes)
+        if cells:  # the accuracy table once more, as a table the MLflow UI can show and compare
+            columns = {"task": tasks, **{m: [cells.get((t, m)) for t in tasks] for m in methods}}
+            self.tracker.log_table(self.parent, columns, "accuracy_table.json")
         print_summary(summary.outcomes, groups, self.out)
+
+
+def source_tags(pipeline: str) -> dict[str, str]:
+    """MLflow's standard tags, which its fluent API sets and the client API leaves to the caller: who ran it,
+    what, and at which commit (the UI's User, Source and Version columns)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    tags = {"mlflow.user": user, "mlflow.source.type": "LOCAL", "mlflow.source.name": f"vitpipe run {pipeline}"}
+    commit = git_commit(PACKAGE_ROOT)
+    return tags | ({"mlflow.source.git.commit": commit} if commit else {})
 
 
 def run(cfg: PipelineConfig, out: TextIO = sys.stdout) -> RunSummary:

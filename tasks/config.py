@@ -20,6 +20,10 @@ class Frozen(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def tracked_params(self) -> dict[str, Any]:
+        """What the node's MLflow run records as params: the settings that take effect, each once."""
+        return self.model_dump(mode="json", by_alias=True)
+
 
 def paper_train(optional: bool = False, **defaults: Any) -> Any:
     """A `train:` field type whose unset keys take `defaults` (the stage's paper values), not TrainConfig's.

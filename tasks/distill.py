@@ -177,7 +177,7 @@ def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> Sta
     uri, size = inputs["corpus"].outputs["uri"], cfg.backbone.img_size
     encoder = starting_weights(ctx.store, inputs, cfg.backbone)
     backbone_kind = backbone_tag(encoder)
-    ctx.set_tags({"backbone": backbone_kind})
+    ctx.set_tags({"vitpipe.backbone": backbone_kind})
     max_r = effective_max_r(build_backbone(cfg.backbone, encoder, ctx.seed), cfg.max_r)
     pairs = degree_pairs(max_r)
     recipe = Recipe(

@@ -16,7 +16,7 @@ from torch import nn
 
 from cluster.batches import TensorBatches
 from cluster.context import StageContext, StageResult
-from cluster.manifest import Manifest, read_weights
+from cluster.manifest import Manifest, read_weights, weights_bytes
 from cluster.store import ArtifactStore
 from cluster.train import Recipe, Resources, TrainConfig
 from models.heads import fold_whitening
@@ -102,6 +102,13 @@ class FinetuneNode(FinetuneConfig):
         """The stage's train settings with the method's own learning rate, when it has one."""
         return self.train if self.method.lr is None else self.train.model_copy(update={"lr": self.method.lr})
 
+    def tracked_params(self) -> dict[str, Any]:
+        """train.lr is the one in effect (the method's own, when it has one); the method entry keeps the rest."""
+        params = super().tracked_params()
+        params["train"] = self.effective_train.model_dump(mode="json")
+        params["methods"] = [{k: v for k, v in m.items() if k != "lr"} for m in params["methods"]]
+        return params
+
 
 def _backbone_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int) -> nn.Module:
     torch.manual_seed(seed)
@@ -159,7 +166,7 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
     data = inputs["data"].outputs
     uri, num_classes, size = data["uri"], len(data["classes"]), cfg.backbone.img_size
     backbone = starting_weights(ctx.store, inputs, cfg.backbone)
-    ctx.set_tags({"backbone": backbone_tag(backbone)})
+    ctx.set_tags({"vitpipe.backbone": backbone_tag(backbone)})
     train_split = functools.partial(cached_split, uri, "train", size)
     head = starting_head(cfg, num_classes, backbone, backbone_identity(inputs, cfg.backbone), ctx.seed, uri)
     build = functools.partial(build_model, cfg, num_classes, backbone, ctx.seed, head)
@@ -183,6 +190,8 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
         "train_seconds": fitted.seconds,
         **fitted.final, **fitted.best,
     }
-    ctx.writer.put_weights("delta.safetensors", delta, metadata={"method": cfg.method.name})
+    ctx.put_logged("delta.safetensors", weights_bytes(delta, metadata={"method": cfg.method.name}))
+    for name, data in method.adapter_files(delta, cfg.method.config()).items():
+        ctx.log_artifact(f"peft_adapter/{name}", data)
     return StageResult(metrics=metrics, outputs={"task": cfg.task, "method": cfg.method.name,
                                                  "num_classes": num_classes})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import statistics
 import tempfile
 import time
@@ -70,7 +71,9 @@ class PruneConfig(Frozen):
     tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field(TOCOM_SCALES, min_length=1)
     resources: Resources = Resources()
     latency_repeats: int = Field(20, gt=0, description="timed forwards per model and batch size")
-    registry_prefix: str = "vitpipe"
+    registry_prefix: str = Field("vitpipe", description="registered models are named <prefix>-<task>-<method>-<pruner>")
+    register_flagged: bool = Field(False, description="register a model flagged as unfit too: at chance on the "
+                                   "test split, or slower than its unpruned parent at batch 1 and at batch 64")
 
     def settings(self) -> PruneSettings:
         """The pruner's schedule runs over every training forward (micro-batches)."""
@@ -223,15 +226,44 @@ def compare(baseline: nn.Module, model: nn.Module, uri: str, size: int, repeats:
     return before | speed["before"], after | speed["after"]
 
 
+def flags(before: dict[str, float], after: dict[str, float], num_classes: int, n_test: int) -> dict[str, str]:
+    """What makes the deployed model one a user would not keep, by kind: "chance" (test accuracy within two
+    standard errors of guessing), "slower" (slower than its unpruned parent at batch 1 and at batch 64);
+    "slower_b1" / "slower_b64" alone are worth a word but not withholding it (the other batch size gains)."""
+    found = {}
+    chance = 1 / num_classes
+    bar = chance + 2 * math.sqrt(chance * (1 - chance) / n_test)
+    if after["test_accuracy"] <= bar:
+        found["chance"] = (f"test accuracy {after['test_accuracy']:.3f} is at chance ({chance:.3f} + 2 s.e. on "
+                           f"{n_test} images = {bar:.3f})")
+    latency = after["latency_ms_b1"] / before["latency_ms_b1"]
+    throughput = after["throughput_b64"] / before["throughput_b64"]
+    if latency > 1 and throughput < 1:
+        found["slower"] = (f"slower than the unpruned model (latency b1 x{latency:.2f}, "
+                           f"throughput b64 x{throughput:.2f})")
+    elif latency > 1:
+        found["slower_b1"] = f"slower at batch 1 (latency x{latency:.2f}), faster at batch 64 (x{throughput:.2f})"
+    elif throughput < 1:
+        found["slower_b64"] = f"slower at batch 64 (throughput x{throughput:.2f}), faster at batch 1"
+    return found
+
+
+UNFIT = ("chance", "slower")  # flags that withhold registration unless register_flagged
+
+
 def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, meta: dict[str, Any],
-                        tags: dict[str, float]) -> dict[str, str] | None:
-    """Write the deployable export (models.deploy) to the stage output and register it in MLflow."""
+                        tags: dict[str, float], flagged: dict[str, str]) -> dict[str, str] | None:
+    """Write the deployable export (models.deploy) to the stage output and register it in MLflow, unless it is
+    flagged unfit (and the config does not register those too)."""
     ft = cfg.model
     peft = PEFT_METHODS[ft.method.name]
+    ctx.set_tags({f"vitpipe.flag.{kind}": text for kind, text in flagged.items()})
     with tempfile.TemporaryDirectory() as d:
         export(model, d, meta, peft=None if peft.mergeable else (peft, ft.method.params))
         for name in ("model.safetensors", "model.json"):
             ctx.writer.put_file(f"deploy/{name}", str(Path(d) / name))
+        if any(kind in UNFIT for kind in flagged) and not cfg.register_flagged:
+            return None
         registered = ctx.register_model(f"{cfg.registry_prefix}-{ft.task}-{ft.method.name}-{cfg.pruner}", d,
                                         {k: f"{v:.6g}" for k, v in tags.items()})
     return None if registered is None else {"name": registered[0], "version": registered[1]}
@@ -263,7 +295,8 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
     meta = {"task": ft.task, "classes": data["classes"], "finetune_method": ft.method.name, "pruner": cfg.pruner,
             "keep_ratio": cfg.keep_ratio, "head_keep_ratio": cfg.settings().heads_ratio, "structure": structure,
             "tocom": tocom, "preprocess": {"img_size": size, **PREPROCESS}}
-    registered = export_and_register(ctx, cfg, model, meta, metrics)
+    flagged = flags(before, after, len(data["classes"]), len(cached_split(uri, "test", size)[1]))
+    registered = export_and_register(ctx, cfg, model, meta, metrics, flagged)
     metrics |= {
         "test_accuracy": after["test_accuracy"], "pruned_test_accuracy": pruned_accuracy,
         "reprobed_test_accuracy": reprobed_accuracy,
@@ -278,5 +311,6 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
                "merged": PEFT_METHODS[ft.method.name].mergeable, "reprobed": reprobed, "recovered": recovered,
                "reprobed_deployed": reprobed_deployed,
                "r_src": r_src, "r_tgt": r_tgt, "tocom": tocom, "widths": block_widths(model), "before": before,
-               "after": after, "torch_threads": torch.get_num_threads(), "registered": registered}
+               "after": after, "torch_threads": torch.get_num_threads(), "registered": registered,
+               "flags": flagged}
     return StageResult(metrics=metrics, outputs=outputs)

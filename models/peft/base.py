@@ -94,6 +94,10 @@ class PeftMethod:
     def fold(self, model: nn.Module) -> None:
         """Add the method's weight increments into the backbone and restore the plain modules."""
 
+    def adapter_files(self, delta: Mapping[str, torch.Tensor], cfg: PeftConfig) -> dict[str, bytes]:
+        """The delta in a format other tools load (Hugging Face peft's adapter folder for LoRA); {}: none."""
+        return {}
+
     @staticmethod
     def delta_nbytes(state: Mapping[str, torch.Tensor]) -> int:
         """Bytes a delta takes when stored raw (e.g. as safetensors, headers aside)."""

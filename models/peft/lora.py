@@ -10,8 +10,12 @@ update on k too, instead of two independent rank-8 updates on q and v.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import ClassVar
 
+import safetensors.torch
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from timm.models.vision_transformer import VisionTransformer
@@ -42,6 +46,16 @@ class Lora(PeftMethod):
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
         )
         inject_adapter_in_model(config, model)
+
+    def adapter_files(self, delta: Mapping[str, torch.Tensor], cfg: LoraSettings) -> dict[str, bytes]:
+        """peft's adapter folder (adapter_config.json + adapter_model.safetensors, the head as a module to save):
+        `PeftModel.from_pretrained(<the same timm ViT>, folder)` is this task model."""
+        config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                            target_modules=list(cfg.target_modules), modules_to_save=["head"])
+        state = {"base_model.model." + name.replace(".default.", "."): t.detach().cpu().contiguous()
+                 for name, t in delta.items()}
+        return {"adapter_config.json": json.dumps(config.to_dict(), indent=2, default=sorted).encode(),
+                "adapter_model.safetensors": safetensors.torch.save(state)}
 
     def fold(self, model: nn.Module) -> None:
         for name, module in list(model.named_modules()):

@@ -82,6 +82,8 @@ def test_second_runner_waits_for_the_first_and_reuses_its_outputs(ray_local: str
     assert second_runs["finetune/faces/linear"].data.tags["vitpipe.computed_by"] == computed
     assert "test_accuracy" in second_runs["finetune/faces/linear"].data.metrics
     assert "reused   finetune/faces/linear" in (tmp_path / "second.log").read_text()
+    hint = f"audit it with: vitpipe audit {parents[0].info.run_id} --tracking-uri {mlflow_server}"
+    assert hint in (tmp_path / "first.log").read_text()  # this run's tracking server, not the default one
 
     for name, run in first_runs.items():
         kind, key = run.data.tags["vitpipe.stage.kind"], run.data.tags["vitpipe.stage.key"]

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster.manifest import load_manifest, stage_prefix
+from cluster.manifest import load_manifest, read_weights, stage_prefix
 from cluster.store import open_store
 from pipelines.audit import audit
 from pipelines.runner import plan, run
@@ -93,9 +94,16 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
     parent = client.get_run(summary.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["vitpipe.git_commit"] and parent.data.tags["vitpipe.nodes_ran"] == "8"
+    assert parent.info.run_name.startswith("e2e-20")  # <pipeline>-<UTC time>-<hex>: runs of one pipeline differ
+    assert parent.data.tags["mlflow.source.name"] == "vitpipe run e2e" and parent.data.tags["mlflow.user"]
+    assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["vitpipe.git_commit"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
     assert "mean_test_accuracy.linear" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
-    assert artifacts >= {"summary.json", "accuracy_table.csv", "accuracy_heatmap.png"}
+    assert artifacts >= {"summary.json", "accuracy_table.csv", "accuracy_heatmap.png", "accuracy_table.json"}
+    table = json.loads(Path(client.download_artifacts(summary.run_id, "accuracy_table.json")).read_text())
+    assert table["columns"] == ["task", "linear", "lora"] and [row[0] for row in table["data"]] == ["faces", "textures"]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary.run_id}'")
     assert len(children) == 8
@@ -104,6 +112,7 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
     pretrain = load_manifest(store, "pretrain", keys["pretrain"])
     assert set(pretrain.files) == {"encoder.safetensors", "decoders.safetensors", "history.json"}
     assert {"probe_accuracy.faces", "probe_accuracy_random_init.faces"} <= set(pretrain.metrics)
+    by_node = {c.data.tags["vitpipe.node"]: c for c in children}
     for child in children:
         tags = child.data.tags
         assert tags["vitpipe.cached"] == "no" and child.info.status == "FINISHED"
@@ -112,12 +121,45 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
         assert "manifest.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         if tags["vitpipe.stage.kind"] == "finetune":
             assert set(json.loads(tags["vitpipe.upstream"])) == {"data", "backbone"}
-            assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
-            assert child.data.tags["backbone"] == "pretrained"
+            classes = load_manifest(store, "data", keys[f"data/{manifest.outputs['task']}"]).outputs["classes"]
+            assert child.data.metrics["test_accuracy"] > 1.5 / len(classes), child.data.metrics
+            # opened when the node started, so its MLflow duration is the node's: after its backbone was made
+            assert child.info.start_time >= by_node["pretrain"].info.end_time
+            assert child.data.params["train.lr"] and "lr" not in child.data.params["methods"]  # the one in effect
+            curve = client.get_metric_history(child.info.run_id, "eval/val_accuracy")  # start and every checkpoint
+            assert sorted(m.step for m in curve) == [0, 4, 8, 12]
+            assert child.data.tags["vitpipe.backbone"] == "pretrained"
             assert json.loads(tags["vitpipe.upstream"])["backbone"] == keys["pretrain"]
             assert "loss" in child.data.metrics and "images_per_s" in child.data.metrics
             assert len(tags["vitpipe.data.fingerprint"]) == 64
+            logged = child.inputs.dataset_inputs  # MLflow's datasets table: the task data it read
+            assert [(d.dataset.name, d.dataset.digest) for d in logged] == [
+                (manifest.outputs["task"], tags["vitpipe.data.fingerprint"][:36])]
             assert set(manifest.files) == {"delta.safetensors", "history.json"}
+            logged = {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert {"delta.safetensors", "history.json"} <= logged  # the run holds the model, not only a pointer
+            assert ("peft_adapter" in logged) == (manifest.outputs["method"] == "lora")
+    node = next(o for o in summary.outcomes if o.node.name == "finetune/faces/lora")
+    assert_peft_loads_the_adapter(client, store, node, by_node[node.node.name].info.run_id, keys)
+
+
+def assert_peft_loads_the_adapter(client, store, outcome, run_id: str, keys: dict[str, str]) -> None:
+    """The logged LoRA adapter is Hugging Face peft's format: PeftModel on the same timm ViT is the task model."""
+    from peft import PeftModel
+
+    from tasks.finetune import load_task_model
+
+    cfg = outcome.node.cfg
+    inputs = {"model": outcome.manifest, "data": load_manifest(store, "data", keys["data/faces"]),
+              "backbone": load_manifest(store, "pretrain", keys["pretrain"])}
+    ours = load_task_model(store, cfg, inputs, seed=0)
+    base = cfg.backbone.build(num_classes=len(inputs["data"].outputs["classes"]))
+    base.load_state_dict(read_weights(store, inputs["backbone"], "encoder.safetensors"), strict=False)
+    folder = client.download_artifacts(run_id, "peft_adapter")
+    theirs = PeftModel.from_pretrained(base, folder).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(theirs(x), ours(x), atol=1e-5)
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -150,6 +192,36 @@ def test_rerun_trains_nothing(first_run) -> None:
     assert all(status == "cached" for _, _, status in plan(cfg))
 
 
+def test_audit_reads_a_moved_store_when_told_where_and_says_so_when_not(first_run, tmp_path: Path, capsys) -> None:
+    from pipelines.cli import main
+
+    cfg, summary, _, _ = first_run
+    recorded = Path(cfg.store_uri).resolve()
+    moved = tmp_path / "moved-store"
+    recorded.rename(moved)
+    try:
+        assert main(["audit", summary.run_id, "--tracking-uri", cfg.tracking]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert err == [f"vitpipe: error: store not found at {recorded} (moved? give its place with --store)"]
+        assert main(["audit", summary.run_id, "--tracking-uri", cfg.tracking, "--store", str(moved)]) == 0
+        out = capsys.readouterr().out
+        assert f"store {moved}" in out and "8 nodes, 8 verified, 0 with problems" in out
+        assert not recorded.exists()  # a read-only command created nothing
+    finally:
+        moved.rename(recorded)
+
+
+def test_plan_and_audit_create_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the demo's relative work_dir, which does not exist here
+    assert main(["plan"]) == 0
+    assert f"store {tmp_path}/vitpipe-work/artifacts; tracking sqlite:///{tmp_path}" in capsys.readouterr().out
+    assert main(["audit", "0123abcd"]) == 2
+    assert "no MLflow database at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
     cfg, summary, _, _ = first_run
     store = open_store(cfg.store_uri)
@@ -159,7 +231,7 @@ def test_tampered_artifact_is_detected_and_recomputed(first_run) -> None:
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
 
-    _, rows = audit(summary.run_id, cfg.tracking)
+    _, rows, _ = audit(summary.run_id, cfg.tracking)
     corrupt = {r.node: r.problems for r in rows if r.problems}
     assert list(corrupt) == ["finetune/faces/linear"] and "sha256 mismatch" in corrupt["finetune/faces/linear"][0]
     assert {n.name for n, _, s in plan(cfg) if s == "pending"} == {"finetune/faces/linear"}
@@ -212,7 +284,7 @@ def test_mlflow_server_and_s3_store(ray_local, mlflow_server: str, s3_bucket: st
     assert summary.ok
     client = MlflowClient(mlflow_server)
     assert client.get_run(summary.run_id).data.tags["vitpipe.store"] == s3_bucket
-    tags, rows = audit(summary.run_id, mlflow_server)
+    tags, rows, _ = audit(summary.run_id, mlflow_server)
     assert [r.node for r in rows] == ["data/faces", "finetune/faces/linear"]
     assert all(not r.problems for r in rows)
     store = open_store(s3_bucket)

@@ -27,6 +27,8 @@ class _LoggedSteps:
         self.path = path
 
     def __call__(self, step: int, steps: int, metrics: dict[str, float]) -> None:
+        if "loss" not in metrics:  # an evaluation (eval/<name>), not a training step
+            return
         with self.path.open("a") as f:
             f.write(f"{step}\n")
 

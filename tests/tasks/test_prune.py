@@ -3,6 +3,7 @@ artifact store, MLflow (SQLite) with its model registry; the exported model relo
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def exported(world: dict, manifest: Manifest, tmp: Path) -> Path:
 def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path: Path) -> None:
     ft = finetune_config("fact_tt", rank=4)
     model = finetuned(world, ft, "digits-fact")
-    cfg = prune_config(ft, "resrep", keep_ratio=0.5, r_tgt=4, recover=RECOVER, **{"lambda": 1e-3})
+    # registered even if flagged: CPU timings of a loaded test machine may call it slower at both batch sizes
+    cfg = prune_config(ft, "resrep", keep_ratio=0.5, r_tgt=4, recover=RECOVER, register_flagged=True,
+                       **{"lambda": 1e-3})
     inputs = {"model": model, "data": world["digits"], "backbone": world["backbone"], "tocom": world["tocom"]}
     manifest = run_stage(world["store"], world["tmp"], prune, "prune", "digits-fact-resrep", cfg, inputs,
                          world["tracker"])
@@ -145,3 +148,38 @@ def test_pipeline_config_wires_prune_nodes_and_rejects_keep_ratio_zero() -> None
         load_config(DEMO, ("stages.prune.keep_ratio=0",))
     with pytest.raises(ConfigError, match=r"stages\.prune\.pruner: unknown pruner 'obd'"):
         load_config(DEMO, ("stages.prune.pruner=obd",))
+
+
+def test_flags_name_models_a_user_would_not_keep() -> None:
+    before = {"test_accuracy": 0.9, "latency_ms_b1": 2.0, "throughput_b64": 1000.0}
+    fine = {"test_accuracy": 0.9, "latency_ms_b1": 1.0, "throughput_b64": 2000.0}
+    assert prune.flags(before, fine, num_classes=10, n_test=360) == {}
+    # 10 classes, 360 test images: chance 0.1, two standard errors 0.032
+    guessing = prune.flags(before, {**fine, "test_accuracy": 0.109}, num_classes=10, n_test=360)
+    assert list(guessing) == ["chance"]
+    assert "0.109 is at chance (0.100 + 2 s.e. on 360 images = 0.132)" in guessing["chance"]
+    assert prune.flags(before, {**fine, "test_accuracy": 0.2}, num_classes=10, n_test=360) == {}
+    slower = prune.flags(before, {**fine, "latency_ms_b1": 2.5, "throughput_b64": 900.0}, 10, 360)
+    assert list(slower) == ["slower"] and "latency b1 x1.25, throughput b64 x0.90" in slower["slower"]
+    assert list(prune.flags(before, {**fine, "latency_ms_b1": 2.5}, 10, 360)) == ["slower_b1"]  # a word, kept
+    assert set(prune.UNFIT) == {"chance", "slower"}
+
+
+def test_the_summary_says_which_models_were_flagged_and_withheld() -> None:
+    from types import SimpleNamespace
+
+    from pipelines.report import print_summary
+
+    side = {"test_accuracy": 0.1, "params": 1e6, "flops": 1e9, "latency_ms_b1": 1.0, "throughput_b64": 100.0}
+    outputs = {"task": "digits", "method": "lora", "pruner": "resrep", "keep_ratio": 0.5, "r_src": 0, "r_tgt": 4,
+               "before": side, "after": side, "registered": None,
+               "flags": {"chance": "test accuracy 0.100 is at chance", "slower_b1": "slower at batch 1"}}
+    outcome = SimpleNamespace(node=SimpleNamespace(name="prune/digits/lora", kind="prune"), status="ran",
+                              key="k" * 64, seconds=1.0, manifest=SimpleNamespace(outputs=outputs, metrics={}),
+                              error=None)
+    out = io.StringIO()
+    print_summary([outcome], {}, out)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("flagged")]
+    assert lines == ["flagged  digits/lora/resrep: test accuracy 0.100 is at chance; not registered "
+                     "(stages.prune.register_flagged: true registers it)",
+                     "flagged  digits/lora/resrep: slower at batch 1"]
