@@ -97,11 +97,12 @@ class StageContext:
         if self.tracker and self.run_id:
             self.tracker.log_bytes(self.run_id, name, data)
 
-    def register_model(self, name: str, local_dir: str, tags: dict[str, str]) -> tuple[str, str] | None:
-        """Register the model files in `local_dir` in MLflow's model registry; (name, version), or None
-        when the stage runs without tracking."""
+    def register_model(self, name: str, local_dir: str, tags: dict[str, str], example: Any
+                       ) -> tuple[str, str] | None:
+        """Register the exported model in `local_dir` in MLflow's model registry as a pyfunc model with
+        `example` as its input example; (name, version), or None when the stage runs without tracking."""
         if self.tracker and self.run_id:
-            return self.tracker.register_model(self.run_id, name, local_dir, "model", tags)
+            return self.tracker.register_model(self.run_id, name, local_dir, "model", tags, example)
         return None
 
     def set_tags(self, tags: dict[str, str]) -> None:

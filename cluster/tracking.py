@@ -13,6 +13,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +194,13 @@ class Tracker:
         self._call("log a table", self.client.log_table, run_id, columns, name)
 
     def register_model(self, run_id: str, name: str, local_dir: str, artifact_path: str,
-                       tags: dict[str, str]) -> tuple[str, str]:
-        """Log a model folder as run artifacts and register it as a new version of model `name` in the
-        model registry (the registered model is created on first use); returns (name, version)."""
-        self._call("log model files", self.client.log_artifacts, run_id, local_dir, artifact_path)
+                       tags: dict[str, str], example: Any) -> tuple[str, str]:
+        """Log the exported model folder as an MLflow pyfunc model (an MLmodel with a signature and `example`
+        as its input example; save_pyfunc) under `artifact_path` and register it as a new version of model
+        `name` (the registered model is created on first use); returns (name, version)."""
+        with tempfile.TemporaryDirectory() as d:
+            save_pyfunc(local_dir, str(Path(d) / "pyfunc"), example)
+            self._call("log model files", self.client.log_artifacts, run_id, str(Path(d) / "pyfunc"), artifact_path)
         source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
         try:
             self.client.create_registered_model(name)
@@ -217,6 +221,23 @@ class Tracker:
 
 
 _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
+
+
+def save_pyfunc(exported: str, target: str, example: Any) -> None:
+    """The pyfunc model of an exported task model folder (models.deploy), written to `target`: the folder as its
+    artifact, the `models` package as code, cluster/serving.py as the model's code (no pickle), a signature
+    inferred from `example` (uint8 images) and the output columns, and the packages that load it."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    classes = json.loads((Path(exported) / "model.json").read_text())["classes"]
+    outputs = pd.DataFrame({"label": [classes[0]], "probability": [1.0], **{f"p_{c}": [0.0] for c in classes}})
+    root = Path(__file__).resolve().parents[1]
+    requirements = [f"{p}=={version(p)}" for p in ("torch", "timm", "safetensors", "numpy", "pandas")]
+    mlflow.pyfunc.save_model(target, python_model=str(root / "cluster" / "serving.py"), artifacts={"model": exported},
+                             code_paths=[str(root / "models")], signature=infer_signature(example, outputs),
+                             input_example=example, pip_requirements=requirements)
 
 
 # The UI opens a model-training experiment in its training view (not the GenAI one) and shows the description.

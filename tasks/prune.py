@@ -252,7 +252,8 @@ UNFIT = ("chance", "slower")  # flags that withhold registration unless register
 
 
 def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, meta: dict[str, Any],
-                        tags: dict[str, float], flagged: dict[str, str]) -> dict[str, str] | None:
+                        tags: dict[str, float], flagged: dict[str, str], example: torch.Tensor
+                        ) -> dict[str, str] | None:
     """Write the deployable export (models.deploy) to the stage output and register it in MLflow, unless it is
     flagged unfit (and the config does not register those too)."""
     ft = cfg.model
@@ -265,7 +266,8 @@ def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, met
         if any(kind in UNFIT for kind in flagged) and not cfg.register_flagged:
             return None
         registered = ctx.register_model(f"{cfg.registry_prefix}-{ft.task}-{ft.method.name}-{cfg.pruner}", d,
-                                        {k: f"{v:.6g}" for k, v in tags.items()})
+                                        {k: f"{v:.6g}" for k, v in tags.items()},
+                                        example.permute(0, 2, 3, 1).contiguous().numpy())  # (N, H, W, 3) uint8
     return None if registered is None else {"name": registered[0], "version": registered[1]}
 
 
@@ -296,7 +298,7 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
             "keep_ratio": cfg.keep_ratio, "head_keep_ratio": cfg.settings().heads_ratio, "structure": structure,
             "tocom": tocom, "preprocess": {"img_size": size, **PREPROCESS}}
     flagged = flags(before, after, len(data["classes"]), len(cached_split(uri, "test", size)[1]))
-    registered = export_and_register(ctx, cfg, model, meta, metrics, flagged)
+    registered = export_and_register(ctx, cfg, model, meta, metrics, flagged, cached_split(uri, "test", size)[0][:2])
     metrics |= {
         "test_accuracy": after["test_accuracy"], "pruned_test_accuracy": pruned_accuracy,
         "reprobed_test_accuracy": reprobed_accuracy,

@@ -116,7 +116,31 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert version.run_id == manifest.mlflow_run_id
     assert float(version.tags["test_accuracy_after"]) == pytest.approx(metrics["test_accuracy_after"], rel=1e-5)
     logged = {f.path for f in client.list_artifacts(manifest.mlflow_run_id, "model")}
-    assert logged == {"model/model.safetensors", "model/model.json"}
+    assert {"model/MLmodel", "model/artifacts", "model/code"} <= logged
+    assert_served_as_pyfunc(world, out["registered"], metrics["test_accuracy_after"])
+
+
+def assert_served_as_pyfunc(world: dict, registered: dict[str, str], test_accuracy: float) -> None:
+    """A user's way in: the registered version loads with mlflow.pyfunc and classifies the task's test split as the
+    stage measured (uint8 RGB images in, class names out)."""
+    import mlflow.pyfunc
+
+    from tasks.classification import cached_split
+
+    uri = f"models:/{registered['name']}/{registered['version']}"
+    before = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(world["tracker"].uri)
+    try:
+        served = mlflow.pyfunc.load_model(uri)
+    finally:
+        mlflow.set_registry_uri(before)
+    assert served.metadata.signature is not None and served.metadata.saved_input_example_info is not None
+    images, labels = cached_split(world["digits"].outputs["uri"], "test", 32)
+    answer = served.predict(images.permute(0, 2, 3, 1).numpy())
+    classes = world["digits"].outputs["classes"]
+    predicted = torch.tensor([classes.index(c) for c in answer["label"]])
+    assert (predicted == labels).float().mean().item() == pytest.approx(test_accuracy, abs=1e-6)
+    assert list(answer.columns) == ["label", "probability", *(f"p_{c}" for c in classes)]
 
 
 def test_csgd_keeps_an_unmergeable_adapter_and_merges_tokens_beside_it(world: dict, tmp_path: Path) -> None:
