@@ -128,12 +128,13 @@ def assert_served_as_pyfunc(world: dict, registered: dict[str, str], test_accura
     from tasks.classification import cached_split
 
     uri = f"models:/{registered['name']}/{registered['version']}"
-    before = mlflow.get_registry_uri()
-    mlflow.set_registry_uri(world["tracker"].uri)
+    mlflow.set_tracking_uri(world["tracker"].uri)  # models:/ resolves through both; MLflow's defaults would
+    mlflow.set_registry_uri(world["tracker"].uri)  # create ./mlflow.db in the working directory
     try:
         served = mlflow.pyfunc.load_model(uri)
     finally:
-        mlflow.set_registry_uri(before)
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
     assert served.metadata.signature is not None and served.metadata.saved_input_example_info is not None
     images, labels = cached_split(world["digits"].outputs["uri"], "test", 32)
     answer = served.predict(images.permute(0, 2, 3, 1).numpy())
