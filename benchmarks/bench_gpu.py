@@ -26,7 +26,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
+from models.pretrain_objectives import PretrainObjective
+from models.settings import PretrainObjectiveConfig
 from models.tocom import TokenCompensator, merge_into_weights, plug
 from models.tome import apply_tome, set_tome_r
 from models.vit import build_vit

@@ -25,7 +25,8 @@ from cluster.train import param_groups
 from pipelines.runner import run
 from pipelines.spec import load_config
 from tasks.classification import cached_split, classification_loss, flip
-from tasks.finetune import FinetuneNode, build_model
+from tasks.finetune.spec import FinetuneNode
+from tasks.finetune.stage import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,13 +31,13 @@ import yaml
 from bench_overhead import stage_throughput  # benchmarks/ is the script's own folder
 
 from cluster.train import param_groups, warmup_cosine
-from models.pretrain_objectives import PretrainObjectiveConfig
-from models.vit import ViTSpec
+from models.settings import PretrainObjectiveConfig, ViTSpec
 from pipelines.runner import run
 from pipelines.spec import load_config
 from tasks.classification import cached_split
 from tasks.data import prepare
-from tasks.pretrain import PretrainModel, PretrainNode, linear_probe, two_views
+from tasks.pretrain.spec import PretrainNode
+from tasks.pretrain.stage import PretrainModel, linear_probe, two_views
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = {"arch": "vitpipe_tiny_patch4_32", "img_size": 32}

@@ -26,17 +26,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cluster.train import TrainConfig, warmup_cosine
+from cluster.config import TrainConfig
+from cluster.train import warmup_cosine
 from models.heads import fold_whitening
-from models.prune import PRUNERS, PruneSettings, count_flops, count_params, merge_tocom_pruned
+from models.prune import PRUNERS, count_flops, count_params, merge_tocom_pruned
+from models.settings import PruneSettings
 from models.tocom import TokenCompensator
 from models.tome import apply_tome
 from models.vit import build_vit
 from tasks.classification import accuracy, cached_split, classification_loss, flip
-from tasks.distill import SelfDistillation, distill_loss, sample_pair
-from tasks.prepare import DataNode
-from tasks.prepare import run as prepare_data
-from tasks.prune import cpu_speed, reprobe
+from tasks.distill.stage import SelfDistillation, distill_loss, sample_pair
+from tasks.prepare.spec import DataNode
+from tasks.prepare.stage import run as prepare_data
+from tasks.prune.stage import cpu_speed, reprobe
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_RATIOS = (1.0, 0.75, 0.5)
@@ -78,7 +80,7 @@ def digits_uri(work: Path) -> str:
     store = LocalStore(str(work / "store"))
     writer = StageWriter(store, "data", "digits")
     ctx = StageContext("data", "data", "digits", 0, store, writer, None, None, str(work / "ray"))
-    return prepare_data(ctx, DataNode(source="digits"), {}).outputs["uri"]
+    return prepare_data(ctx, DataNode(source="digits"), {}).outputs.uri
 
 
 def distill_tocom(model: nn.Module, images: torch.Tensor, max_r: int, steps: int) -> TokenCompensator:

@@ -7,12 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
 from torch import nn
 
+from cluster.config import Resources, TrainConfig
 from cluster.manifest import StageWriter, canonical_json
 from cluster.store import ArtifactStore
 from cluster.tracking import StepLogger, Tracker
-from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit, trainable_state
+from cluster.train import Recipe, TrainJob, fit, trainable_state
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,11 @@ class StageContext:
 
 @dataclass(frozen=True)
 class StageResult:
-    """What a stage returns; the runner puts it in the manifest and the MLflow child run."""
+    """What a stage returns: its metrics, and its typed outputs (the stage's Outputs model, tasks/<stage>/spec.py);
+    the runner puts both in the manifest and the metrics in the MLflow child run."""
 
+    outputs: BaseModel
     metrics: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def outputs_json(self) -> dict[str, Any]:
+        return self.outputs.model_dump(mode="json")

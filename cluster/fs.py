@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pyarrow.fs as pafs
 
 from cluster.retry import DEFAULT_RETRY, RetryPolicy
 
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def redact(text: str) -> str:
+    """Drop `user:password@` from every URI in `text` before it is logged or shown."""
+    return _USERINFO.sub(r"\1", text)
 
 
 def arrow_filesystem(uri: str, retry: RetryPolicy = DEFAULT_RETRY) -> tuple[pafs.FileSystem, str]:

@@ -27,8 +27,8 @@ from typing import Literal, TextIO
 from pydantic import BaseModel, ConfigDict
 
 from cluster.fs import is_s3
+from cluster.provenance import COMMIT_STAMP
 
-COMMIT_STAMP = ".vitpipe-commit"  # read by cluster.tracking.git_commit where there is no .git
 JOB_DIR = "vitpipe-job"  # inside the shipped working_dir: the pipeline YAML
 DEFAULT_EXCLUDES = (".git", ".venv", "venv", "vitpipe-work", "__pycache__", "*.pyc", "*.egg-info",
                     ".pytest_cache", ".ruff_cache", ".mypy_cache", "mlruns", "build", "dist")

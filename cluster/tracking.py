@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cluster.fs import redact
 from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError, disk_full
 from cluster.store import StoreError, clean_key
 
@@ -220,7 +219,6 @@ class Tracker:
         return {r.info.run_id: r.data.tags[tag] for r in runs if tag in r.data.tags}
 
 
-_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
 
 
 def save_pyfunc(exported: str, target: str, example: Any) -> None:
@@ -246,11 +244,6 @@ EXPERIMENT_TAGS = {
     "mlflow.note.content": "vitpipe pipeline runs: one parent run per `vitpipe run`, one child run per stage node "
                            "(tags vitpipe.node, vitpipe.stage.key); models are registered by the prune stage.",
 }
-
-
-def redact(text: str) -> str:
-    """Drop `user:password@` from every URI in `text` before it is logged or shown."""
-    return _USERINFO.sub(r"\1", text)
 
 
 def _is_transient(err: Exception) -> bool:
@@ -280,19 +273,3 @@ class StepLogger:
                 self.tracker.log_metrics(self.run_id, metrics, step=step)
             except TrackingError as err:  # never kill a training run over a metrics point
                 log.warning("%s", err)
-
-
-def git_commit(path: str | os.PathLike[str] = ".") -> str | None:
-    """The checkout's commit: the stamp that `vitpipe submit` writes into the source tree it ships
-    without .git (cluster.submit.COMMIT_STAMP), else `git rev-parse HEAD` of the work tree."""
-    import subprocess
-
-    stamp = Path(path) / ".vitpipe-commit"
-    if stamp.is_file():
-        return stamp.read_text().strip() or None
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from cluster.fs import is_s3
 from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
-from models.vit import ViTSpec
+from models.settings import ViTSpec
 from models.weights import (
     TimmWeights,
     WeightsError,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 from itertools import pairwise
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.models.vision_transformer import VisionTransformer
+
+from models.settings import InfoCLConfig
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -147,35 +147,6 @@ def pooled_features(vit: VisionTransformer, images: torch.Tensor, blocks: list[i
     return features
 
 
-class InfoCLConfig(BaseModel):
-    """InfoCL hyper-parameters; defaults are the paper's CIFAR values (SimCLR + RC, lambda 1.0)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    base: Literal["simclr", "byol"] = "simclr"
-    regularizer: Literal["none", "rc", "lbe"] = "rc"
-    lam: float | None = Field(None, ge=0, description="regularizer weight; None: SimCLR 1.0, BYOL 0.1")
-    temperature: float = Field(0.5, gt=0)
-    proj_dim: int = Field(128, gt=0)
-    byol_momentum: float = Field(0.996, ge=0, le=1)
-    rc_widths: tuple[int, ...] = Field((64, 256, 128, 64), min_length=1, description="RC decoder channel widths")
-    lbe_sigma: float = Field(0.1, ge=0, description="std of the Gaussian encoder's noise eps")
-    lbe_bandwidth: float = Field(20.0, gt=0, description="20 for CIFAR, 80 for ImageNet")
-    lbe_depths: tuple[float, ...] = Field((0.5, 0.75, 1.0), description="feature depths as fractions of D")
-    lbe_weights: tuple[float, ...] = (0.25, 0.5, 1.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> InfoCLConfig:
-        if len(self.lbe_depths) != len(self.lbe_weights) or not self.lbe_depths or self.lbe_depths[-1] != 1.0:
-            raise ValueError("lbe_depths and lbe_weights must have the same length, ending at depth 1.0")
-        return self
-
-    @property
-    def weight(self) -> float:
-        """lambda, resolved to the paper's value for the base loss when not given."""
-        if self.lam is not None:
-            return self.lam
-        return 1.0 if self.base == "simclr" else 0.1
 
 
 def lbe_blocks(depths: tuple[float, ...], depth: int) -> list[int]:

@@ -13,34 +13,12 @@ from itertools import pairwise
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.layers import LayerNorm2d, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from models.hog import hog_targets
-
-
-class LocalMIMConfig(BaseModel):
-    """LocalMIM hyper-parameters; defaults are the paper's (ViT-B: taps at blocks 2, 4, 10, 12)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    taps: tuple[int, ...] = Field((1, 3, -3, -1), description="0-based block indices; negative count from the top")
-    scales: tuple[float, ...] = Field((4.0, 2.0, 1.0, 0.5), description="target scale per tap vs the patch grid")
-    weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    dec_dim: int = Field(256, gt=0)
-    dec_heads: int = Field(8, gt=0)
-    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
-    nbins: int = Field(9, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> LocalMIMConfig:
-        if not len(self.taps) == len(self.scales) == len(self.weights) > 0:
-            raise ValueError("taps, scales and weights must have the same non-zero length")
-        if any(s <= 0 or not math.log2(s).is_integer() for s in self.scales):
-            raise ValueError(f"scales must be powers of two, got {self.scales}")
-        return self
+from models.settings import LocalMIMConfig
 
 
 def resolve_taps(taps: tuple[int, ...], depth: int) -> list[int]:

@@ -4,34 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
-from models.contrastive import InfoCL, InfoCLConfig
-from models.mim import LocalMIM, LocalMIMConfig
+from models.contrastive import InfoCL
+from models.mim import LocalMIM
+from models.settings import PretrainObjectiveConfig
 
 # Each objective is built as cls(vit, cfg) and called as obj(vit, *views[: cls.num_views]).
 PRETRAIN_OBJECTIVES: dict[str, type[nn.Module]] = {"localmim": LocalMIM, "infocl": InfoCL}
 
 
-class PretrainObjectiveConfig(BaseModel):
-    """Weights of the objectives in the total loss (0 leaves one out) and each objective's own config."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    weights: dict[str, float] = Field(default_factory=lambda: {"localmim": 1.0, "infocl": 1.0})
-    localmim: LocalMIMConfig = LocalMIMConfig()
-    infocl: InfoCLConfig = InfoCLConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> PretrainObjectiveConfig:
-        unknown = set(self.weights) - set(PRETRAIN_OBJECTIVES)
-        if unknown:
-            known = sorted(PRETRAIN_OBJECTIVES)
-            raise ValueError(f"unknown pretraining objective(s) {sorted(unknown)}, known: {known}")
-        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
-            raise ValueError(f"objective weights must be >= 0 with at least one > 0, got {self.weights}")
-        return self
 
 
 class PretrainObjective(nn.Module):

@@ -23,8 +23,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 _FORMAT = "vitpipe.tocom.v1"
-# Deployment scales s searched on the validation split when ToCom is plugged or merged into a task model.
-TOCOM_SCALES = (0.05, 0.08, 0.1, 0.12, 0.15)
 
 
 class CompensatorBlock(nn.Module):

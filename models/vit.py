@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 from timm import create_model
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
@@ -33,18 +30,3 @@ def build_vit(arch: str, num_classes: int = 0, img_size: int | None = None, **ov
     return model
 
 
-class ViTSpec(BaseModel):
-    """A backbone named by its timm registry string, with the input size, shape overrides and starting weights."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    arch: str = "vitpipe_tiny_patch4_32"
-    img_size: int = Field(32, gt=0)
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(None, description="starting weights: timm:<name.tag>, or a local / s3:// "
-                                "safetensors or .pth file (MAE, LocalMIM, DeiT layouts); None: random init")
-    weights_sha256: str | None = Field(None, description="sha256 of the weights file; filled in when the "
-                                       "pipeline is planned (part of every downstream key), or pinned here")
-
-    def build(self, num_classes: int = 0) -> VisionTransformer:
-        return build_vit(self.arch, num_classes=num_classes, img_size=self.img_size, **self.overrides)

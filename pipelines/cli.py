@@ -93,10 +93,10 @@ def _environment_defaults(cfg):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from cluster.tracking import redact
-    from pipelines.runner import plan
+    cfg = _load(args)  # a bad config fails here, before the heavy imports (torch, Ray, MLflow)
+    from cluster.fs import redact
+    from pipelines.dag import plan
 
-    cfg = _load(args)
     rows = plan(cfg)
     store = cfg.store_uri if "://" in cfg.store_uri else os.path.abspath(cfg.store_uri)
     print(f"store {store}; tracking {redact(cfg.tracking)}")
@@ -109,11 +109,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.tracking import redact
+    cfg = _load(args)  # a bad config fails here, before the heavy imports (torch, Ray, MLflow)
+    from cluster.fs import redact
     from pipelines.runner import run
     from pipelines.spec import load_config
 
-    cfg = _load(args)
     summary = run(cfg)
     # audit's default tracking URI is the default config's; name this run's when it is another one
     where = "" if cfg.tracking == load_config(DEFAULT_CONFIG).tracking else f" --tracking-uri {redact(cfg.tracking)}"
@@ -122,9 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.provenance import PACKAGE_ROOT, git_commit
     from cluster.submit import cluster_warnings, connect, job_spec, staged_project, submit
-    from cluster.tracking import git_commit
-    from pipelines.dag import PACKAGE_ROOT
     from pipelines.spec import load_config
 
     cfg = _environment_defaults(load_config(args.config, tuple(args.overrides)))  # fails here, not on the cluster

@@ -15,43 +15,34 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import ray
 
-from cluster.checkpoints import discard_train_run
-from cluster.context import StageContext
 from cluster.fs import is_s3
-from cluster.lease import claim_stage, process_gone, this_process
-from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
+from cluster.lease import process_gone, this_process
+from cluster.manifest import Manifest, load_manifest
 from cluster.preflight import preflight
-from cluster.progress import ConsoleProgress, ProgressBoard
-from cluster.retry import DiskFull, RetryPolicy, TransientError, disk_full, task_retry_options
-from cluster.store import ArtifactStore, StoreNotFound, open_store
-from cluster.tracking import Tracker, flatten, git_commit
-from pipelines.dag import PACKAGE_ROOT, Node, build_dag, code_version, stage_keys
-from pipelines.report import accuracy_table, print_summary, summary_artifacts
+from cluster.progress import ConsoleProgress
+from cluster.provenance import PACKAGE_ROOT, code_version, git_commit
+from cluster.ray_connect import connect_ray, progress_board
+from cluster.retry import DiskFull, TransientError, disk_full, task_retry_options
+from cluster.store import ArtifactStore, open_store
+from cluster.tracking import Tracker, flatten
+from pipelines.dag import build_dag, stage_keys
+from pipelines.execute import NodeEnv, execute_node
+from pipelines.report import print_summary, stage_sections, summary_artifacts
 from pipelines.spec import PipelineConfig
+from tasks.prepare.spec import DataOutputs
+from tasks.spec import Node
 from tasks.stages import STAGES
 
+DRIVER_TAG = "vitpipe.driver"  # the process that runs a pipeline: {"host", "pidns", "pid"} (cluster.lease)
+
 log = logging.getLogger("vitpipe")
-
-
-@dataclass(frozen=True)
-class NodeEnv:
-    """What a node's Ray task needs to reach the store, MLflow and the progress board."""
-
-    store_uri: str
-    retry: RetryPolicy
-    tracker: Tracker
-    run_id: str
-    seed: int
-    train_storage: str
-    board: Any
 
 
 @dataclass
@@ -74,109 +65,6 @@ class RunSummary:
         return all(o.status in ("cached", "ran") for o in self.outcomes)
 
 
-@ray.remote
-def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream: Manifest) -> Manifest:
-    """Run one stage and commit its manifest; reuse a manifest another runner committed meanwhile."""
-    store = open_store(env.store_uri, env.retry)
-    done = load_manifest(store, node.kind, key)
-    if done is not None:
-        return done
-    with claim_stage(store, node.kind, key) as claim:  # another runner may be computing this key
-        if claim.manifest is not None:
-            return claim.manifest
-        started, started_at = time.perf_counter(), time.time()
-        writer = StageWriter(store, node.kind, key)
-        ctx = StageContext(node.name, node.kind, key, env.seed, store, writer, env.tracker, env.run_id,
-                           env.train_storage, env.board)
-        result = STAGES[node.kind].run(ctx, node.cfg, dict(zip(roles, upstream, strict=True)))
-        claim.check_held()
-        manifest = writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=env.run_id,
-                                 timings={"seconds": time.perf_counter() - started, "started_at": started_at,
-                                          "finished_at": time.time()})
-        for name in dict.fromkeys([key, *ctx.train_runs]):  # a re-run of a deleted manifest starts over
-            discard_train_run(env.train_storage, name, env.retry)
-    env.tracker.log_metrics(env.run_id, result.metrics)
-    env.tracker.log_bytes(env.run_id, "manifest.json", canonical_json(manifest.model_dump(mode="json")))
-    return manifest
-
-
-RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-DRIVER_TAG = "vitpipe.driver"  # the process that runs a pipeline: {"host", "pidns", "pid"} (cluster.lease)
-LOCAL_RAY_TRAIN_POLL_S = "0.2"
-
-
-def connect_ray(cfg: PipelineConfig) -> None:
-    """Connect to RAY_ADDRESS / the configured cluster, else start a local Ray, quietly."""
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        # A local Ray runs many short training stages: Ray Train's controller polls its workers every 2 s by
-        # default, and each stage waits several polls (start, every report, finish). Poll faster locally;
-        # the environment still decides (a cluster's raylets carry their own environment).
-        os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
-        loopback_only()
-        # address="local": always a new Ray of our own; plain ray.init() would join whatever cluster this
-        # machine runs (another user's `ray start`, a test cluster) through Ray's current-cluster file.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 **quiet)
-    route_ray_messages(sys.stderr)
-
-
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def loopback_only() -> None:
-    """A local Ray serves this process only: every Ray server (GCS, raylet, workers, agents) listens on
-    127.0.0.1, not on all interfaces (unauthenticated gRPC reachable from the network). Ray's own switch for
-    that is the one it uses on macOS and Windows; its processes read it from the environment, this driver from
-    ray_constants (already imported). Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out. docs/decisions.md."""
-    import ray._private.ray_constants as ray_constants
-
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
-
-
-NODE_LOST = re.compile(r"node\b.*\b(dead|died|lost|removed|failed)\b|\b(dead|lost|removed)\b.*\bnode\b", re.I)
-
-
-def route_ray_messages(out: TextIO) -> None:
-    """Ray prints the raylet's and GCS's messages (worker-pool warnings, a lost node's ~40-line state dump)
-    straight onto the driver's stdout whatever log_to_driver says. Keep them in Ray's log folder
-    (vitpipe-ray-messages.log) and say one line where they report a lost node."""
-    import ray._private.worker as ray_worker
-
-    node = ray_worker._global_node
-    folder = Path(node.get_logs_dir_path()) if node is not None else Path(tempfile.gettempdir())
-    path = folder / "vitpipe-ray-messages.log"
-    original = getattr(ray_worker.print_to_stdstream, "vitpipe_original", ray_worker.print_to_stdstream)
-
-    def route(data: dict[str, Any], ignore_prefix: bool) -> None:
-        if data.get("pid") != "raylet":
-            return original(data, ignore_prefix)
-        text = "\n".join(data.get("lines", []))
-        with open(path, "a") as f:
-            f.write(text.rstrip() + "\n")
-        first = text.strip().splitlines()[0] if text.strip() else ""
-        if NODE_LOST.search(first):
-            print(f"vitpipe: Ray reports a lost node: {first[:200]} (Ray's message: {path})", file=out)
-        return None
-
-    route.vitpipe_original = original  # type: ignore[attr-defined]
-    ray_worker.print_to_stdstream = route
-
-
-def progress_board() -> Any:
-    """The progress actor, on the driver's node (not on a worker node that may be lost)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ProgressBoard.options(scheduling_strategy=here).remote()
-
-
 def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
     """Ray Train's checkpoints: beside the artifacts (S3 on a cluster, the work dir locally)."""
     if is_s3(store.uri):
@@ -184,28 +72,15 @@ def train_storage(cfg: PipelineConfig, store: ArtifactStore) -> str:
     return str(Path(cfg.work_dir).resolve() / "ray-train")
 
 
-def plan(cfg: PipelineConfig) -> list[tuple[Node, str, str]]:
-    """(node, key, "cached" | "pending") in topological order; runs nothing and creates nothing (a store that
-    does not exist yet has nothing cached)."""
-    try:
-        store = open_store(cfg.store_uri, cfg.retry, create=False)
-    except StoreNotFound:
-        store = None
-    nodes = build_dag(cfg)
-    keys = stage_keys(nodes, cfg.seed, code_version())
-    cached = {n.name for n in nodes if store is not None and load_manifest(store, n.kind, keys[n.name])}
-    return [(n, keys[n.name], "cached" if n.name in cached else "pending") for n in nodes]
-
-
 class _Run:
     """One pipeline run: launches nodes, follows them, records the outcome in MLflow."""
 
     def __init__(self, cfg: PipelineConfig, out: TextIO) -> None:
         self.cfg, self.out = cfg, out
+        self.nodes = build_dag(cfg)  # a config problem stops here, before anything is created
         self.store = open_store(cfg.store_uri, cfg.retry)
         self.tracker = Tracker(cfg.tracking, cfg.experiment, cfg.retry)
         preflight(self.store, self.tracker, train_storage(cfg, self.store), cfg.retry)
-        self.nodes = build_dag(cfg)
         self.version = code_version()
         self.keys = stage_keys(self.nodes, cfg.seed, self.version)
         self.driver = json.dumps(this_process(), sort_keys=True)
@@ -218,7 +93,8 @@ class _Run:
         self.waiting: list[Node] = []
         self.parent: str | None = None
         self.open_runs: set[str] = set()  # MLflow runs this driver started and has not ended yet
-        self.env_base: dict[str, Any] = {}
+        self.env: NodeEnv | None = None  # set when Ray starts; each launch adds its node's MLflow run
+        self.capacity: dict[str, float] = {}  # the cluster's CPUs and GPUs, when Ray starts
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.tracker.finish(run_id, status)
@@ -277,7 +153,7 @@ class _Run:
         data = self.outcomes.get(node.deps.get("data", ""))
         if data is None or data.manifest is None:
             return {}
-        return {"vitpipe.data.fingerprint": data.manifest.outputs["fingerprint"]}
+        return {"vitpipe.data.fingerprint": DataOutputs.of(data.manifest).fingerprint}
 
     def start_child(self, node: Node, cached: bool) -> str:
         """The node's child run, opened when the node starts (or is found cached, or skipped), so that its
@@ -289,10 +165,10 @@ class _Run:
         for role in ("data", "corpus"):  # MLflow's datasets table: what the node reads
             made = self.outcomes.get(node.deps.get(role, ""))
             if made is not None and made.manifest is not None:
-                out = made.manifest.outputs
-                profile = {"rows": out["counts"], "classes": len(out["classes"]), "source": out["source"]}
-                self.tracker.log_dataset(run_id, node.deps[role].removeprefix("data/"), out["fingerprint"],
-                                         out["uri"], profile, "training")
+                out = DataOutputs.of(made.manifest)
+                profile = {"rows": out.counts, "classes": len(out.classes), "source": out.source}
+                self.tracker.log_dataset(run_id, node.deps[role].removeprefix("data/"), out.fingerprint, out.uri,
+                                         profile, "training")
         return run_id
 
     def open_node(self, node: Node) -> None:
@@ -333,7 +209,7 @@ class _Run:
     def launch(self, node: Node) -> None:
         roles = list(node.deps)
         run_id = self.start_child(node, cached=False)
-        env = NodeEnv(run_id=run_id, **self.env_base)
+        env = replace(self.env, run_id=run_id)
         options = {**node.task_options(), "name": node.name, **task_retry_options(self.cfg.retry)}
         ref = execute_node.options(**options).remote(
             node, self.keys[node.name], env, roles, *[self.outcomes[node.deps[r]].manifest for r in roles])
@@ -371,7 +247,8 @@ class _Run:
             return
         self.outcomes[node.name] = NodeOutcome(node, key, "ran", seconds, manifest=manifest)
         self.finish(run_id)
-        headline = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items() if "accuracy" in k)
+        headline = ", ".join(f"{k} {manifest.metrics[k]:.4f}" for k in STAGES[node.kind].headline
+                             if k in manifest.metrics)
         self.progress.print(f"  done     {node.name}  {seconds:6.1f}s  {headline}")
 
     def follow(self) -> None:
@@ -388,27 +265,28 @@ class _Run:
                 raise self.abort
             if ready:
                 self.schedule()
-            if time.monotonic() - board_refresh > 0.5 and self.env_base["board"] is not None:
+            if time.monotonic() - board_refresh > 0.5 and self.env.board is not None:
                 board_refresh = time.monotonic()
-                running = [n.name for n, _ in self.pending.values()]
-                try:
-                    self.progress.draw(running, ray.get(self.env_base["board"].snapshot.remote(), timeout=10))
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                    self.progress.print(f"  vitpipe: progress bars stop here (their actor is gone: "
-                                        f"{type(err).__name__}); the stages go on")
-                    self.env_base["board"] = None
+                self.draw_progress()
         self.progress.clear()
+
+    def draw_progress(self) -> None:
+        running = [n.name for n, _ in self.pending.values()]
+        try:
+            self.progress.draw(running, ray.get(self.env.board.snapshot.remote(), timeout=10))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            self.progress.print(f"  vitpipe: progress bars stop here (their actor is gone: {type(err).__name__}); "
+                                "the stages go on")
+            self.env = replace(self.env, board=None)
 
     def start_ray(self) -> None:
         """Ray is only started when something has to run: a fully cached re-run needs none."""
-        connect_ray(self.cfg)
+        connect_ray(self.cfg.ray.address, self.cfg.ray.num_cpus, self.cfg.ray.num_gpus)
         self.capacity = {r: v for r, v in ray.cluster_resources().items() if r in ("CPU", "GPU")}
         self.waiting = self.fit_gpus(self.waiting)
         self.tracker.set_tags(self.parent, {"vitpipe.ray_address": ray.get_runtime_context().gcs_address})
-        self.env_base = {"store_uri": self.store.uri, "retry": self.cfg.retry, "tracker": self.tracker,
-                         "seed": self.cfg.seed,
-                         "train_storage": train_storage(self.cfg, self.store),
-                         "board": progress_board()}
+        self.env = NodeEnv(store_uri=self.store.uri, retry=self.cfg.retry, tracker=self.tracker, seed=self.cfg.seed,
+                           train_storage=train_storage(self.cfg, self.store), board=progress_board())
 
     def fit_gpus(self, nodes: list[Node]) -> list[Node]:
         """On a cluster without GPUs, GPU requests become 0 (one warning), unless ray.gpu_fallback is off.
@@ -435,8 +313,8 @@ class _Run:
                 try:
                     self.follow()
                 finally:
-                    if self.env_base.get("board") is not None:
-                        ray.kill(self.env_base["board"])
+                    if self.env.board is not None:
+                        ray.kill(self.env.board)
             summary = RunSummary(self.parent, [self.outcomes[n.name] for n in self.nodes])
             self.record(summary)
             self.finish(self.parent, "FINISHED" if summary.ok else "FAILED")
@@ -448,16 +326,15 @@ class _Run:
     def record(self, summary: RunSummary) -> None:
         counts = {s: sum(o.status == s for o in summary.outcomes) for s in ("cached", "ran", "failed")}
         self.tracker.set_tags(self.parent, {f"vitpipe.nodes_{k}": str(v) for k, v in counts.items()})
-        groups = {name: spec.group for name, spec in self.cfg.tasks.items()}
-        metrics, artifacts = summary_artifacts(summary.outcomes, groups)
+        sections = stage_sections(summary.outcomes, self.cfg)
+        metrics, artifacts = summary_artifacts(summary.outcomes, sections)
         self.tracker.log_metrics(self.parent, metrics)
         for name, data in artifacts.items():
             self.tracker.log_bytes(self.parent, name, data)
-        tasks, methods, cells = accuracy_table(summary.outcomes)
-        if cells:  # the accuracy table once more, as a table the MLflow UI can show and compare
-            columns = {"task": tasks, **{m: [cells.get((t, m)) for t in tasks] for m in methods}}
-            self.tracker.log_table(self.parent, columns, "accuracy_table.json")
-        print_summary(summary.outcomes, groups, self.out)
+        for section in sections:  # tables the MLflow UI can show and compare
+            for name, columns in section.tables.items():
+                self.tracker.log_table(self.parent, columns, name)
+        print_summary(summary.outcomes, sections, self.out)
 
 
 def source_tags(pipeline: str) -> dict[str, str]:

@@ -7,32 +7,29 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from cluster.retry import RetryPolicy
 from cluster.submit import SubmitConfig
-from models.vit import ViTSpec
+from models.settings import ViTSpec
 from tasks.config import Frozen
-from tasks.distill import DistillConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.finetune import FinetuneConfig
-from tasks.prepare import DatasetSpec
-from tasks.pretrain import PretrainConfig
-from tasks.prune import PruneConfig
+from tasks.prepare.spec import DatasetSpec
+from tasks.stages import STAGES
 
 
 class ConfigError(Exception):
     """A pipeline configuration problem; the message names the file and the config path."""
 
 
-class Stages(Frozen):
-    """`stages:`: each section is its stage module's own config model (defaults = the papers' values)."""
+def _stage_sections() -> type[Frozen]:
+    """`stages:`: one field per registered stage that has a section, typed by the stage's own config model
+    (defaults = the papers' values); a stage is off (None) unless the YAML names it or it is on by default."""
+    fields = {kind: (spec.section, spec.section()) if spec.on_by_default else (spec.section | None, None)
+              for kind, spec in STAGES.items() if spec.section is not None}
+    return create_model("Stages", __base__=Frozen, **fields)
 
-    pretrain: PretrainConfig | None = None
-    distill: DistillConfig | None = None
-    finetune: FinetuneConfig = FinetuneConfig()
-    evaluate: EvaluateConfig | None = None
-    prune: PruneConfig | None = None
+
+Stages = _stage_sections()
 
 
 class RayConfig(Frozen):
@@ -96,19 +93,9 @@ class PipelineConfig(Frozen):
         return tasks
 
     @model_validator(mode="after")
-    def _consistent(self) -> PipelineConfig:
+    def _some_task(self) -> PipelineConfig:
         if not self.tasks:
             raise ValueError("a pipeline needs at least one downstream task")
-        if (self.stages.pretrain or self.stages.distill) and self.corpus is None:
-            raise ValueError("stages.pretrain and stages.distill need a `corpus:` dataset")
-        if self.stages.evaluate is not None and self.stages.distill is None:
-            raise ValueError("stages.evaluate compares with and without ToCom: it needs stages.distill")
-        if self.stages.prune is not None and self.stages.prune.peft_methods is not None:
-            known = [m.name for m in self.stages.finetune.methods]
-            for i, name in enumerate(self.stages.prune.peft_methods):
-                if name not in known:
-                    raise ValueError(f"stages.prune.peft_methods[{i}]: {name!r} is not a stages.finetune method "
-                                     f"({', '.join(known)})")
         return self
 
     @property

@@ -10,7 +10,7 @@ from torch import nn
 from cluster.manifest import Manifest, read_weights
 from cluster.store import ArtifactStore
 from cluster.weights import read_weights_source
-from models.vit import ViTSpec
+from models.settings import ViTSpec
 from models.weights import WeightsError, WeightsReport, load_into
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from cluster.train import TrainConfig
+from cluster.config import TrainConfig
 
 
 class Frozen(BaseModel):

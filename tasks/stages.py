@@ -1,25 +1,16 @@
-"""The stage registry: kind -> (run function, node config model). Adding a stage is one line here."""
+"""The stage registry, in topological order: a stage's nodes may read those of the stages before it.
+
+Adding a stage: its package tasks/<stage>/ (spec.py declares it, stage.py runs it), one line here, its tests.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from tasks.distill.spec import SPEC as DISTILL
+from tasks.evaluate.spec import SPEC as EVALUATE
+from tasks.finetune.spec import SPEC as FINETUNE
+from tasks.prepare.spec import SPEC as DATA
+from tasks.pretrain.spec import SPEC as PRETRAIN
+from tasks.prune.spec import SPEC as PRUNE
+from tasks.spec import StageSpec
 
-from pydantic import BaseModel
-
-from tasks import distill, evaluate, finetune, prepare, pretrain, prune
-
-
-class Stage(NamedTuple):
-    run: Callable[..., Any]
-    config: type[BaseModel]
-
-
-STAGES: dict[str, Stage] = {
-    "data": Stage(prepare.run, prepare.DataNode),
-    "pretrain": Stage(pretrain.run, pretrain.PretrainNode),
-    "distill": Stage(distill.run, distill.DistillNode),
-    "finetune": Stage(finetune.run, finetune.FinetuneNode),
-    "evaluate": Stage(evaluate.run, evaluate.EvaluateNode),
-    "prune": Stage(prune.run, prune.PruneNode),
-}
+STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (DATA, PRETRAIN, DISTILL, FINETUNE, EVALUATE, PRUNE)}

@@ -15,7 +15,7 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
-from pipelines.runner import LOCAL_RAY_TRAIN_POLL_S, RAY_TRAIN_POLL_ENV
+from cluster.ray_connect import LOCAL_RAY_TRAIN_POLL_S, RAY_TRAIN_POLL_ENV
 
 # Every Ray the tests start (in-process, `ray start`, a CLI subprocess) polls Ray Train workers as the
 # runner's local Ray does, not every 2 s: the tests run dozens of short training stages.
@@ -61,17 +61,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def run_stage(store, tmp: Path, stage, kind: str, key: str, cfg, inputs, tracker=None, seed: int = 0):
-    """Run a stage module the way the runner does: its own writer, an MLflow child run when `tracker` is given,
-    the manifest committed last. Returns the manifest."""
-    from cluster.context import StageContext
-    from cluster.manifest import StageWriter
+def run_stage(store, tmp: Path, kind: str, key: str, cfg, inputs, tracker=None, seed: int = 0):
+    """Run a stage the way the runner does (pipelines.execute.run_stage), with an MLflow child run when `tracker`
+    is given. Returns the manifest."""
+    from pipelines.execute import run_stage as run
 
-    writer = StageWriter(store, kind, key)
     run_id = tracker.start_run(key, {"vitpipe.stage.kind": kind}) if tracker else None
-    ctx = StageContext(kind, kind, key, seed, store, writer, tracker, run_id, str(tmp / "ray"))
-    result = stage.run(ctx, cfg, inputs)
-    return writer.commit(metrics=result.metrics, outputs=result.outputs, mlflow_run_id=run_id)
+    return run(kind, key, cfg, inputs, store, train_storage=str(tmp / "ray"), seed=seed, tracker=tracker,
+               run_id=run_id)
 
 
 # ---------------------------------------------------------------------------------------------

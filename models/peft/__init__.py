@@ -7,13 +7,14 @@ Usage, the same for every method:
     state = method.delta_state(model)         # what a task stores
     method.load_delta(method.apply(fresh_backbone, cfg), state)
     plain = method.merge(model)               # mergeable methods: back to plain timm weights
-Adding a method: one file with a PeftMethod subclass, one line in PEFT_METHODS.
+Adding a method: one file with a PeftMethod subclass and one line in PEFT_METHODS; its settings class and
+one line in models/settings.py::PEFT_SETTINGS (torch-free, so that pipeline configs validate without torch).
 """
 
 from __future__ import annotations
 
 from models.peft.adaptformer import AdaptFormer
-from models.peft.base import PeftConfig, PeftError, PeftMethod
+from models.peft.base import PeftError, PeftMethod
 from models.peft.bi_adapter import BiAdapter
 from models.peft.bitfit import BitFit
 from models.peft.consolidator import Consolidator
@@ -23,6 +24,7 @@ from models.peft.full import FullFinetune
 from models.peft.linear import LinearProbe
 from models.peft.lora import Lora
 from models.peft.vpt import Vpt
+from models.settings import PeftConfig
 
 PEFT_METHODS: dict[str, PeftMethod] = {
     "linear": LinearProbe(),

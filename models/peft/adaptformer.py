@@ -18,7 +18,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod, swap_class
+from models.peft.base import PeftMethod, swap_class
+from models.settings import AdaptFormerSettings
 
 
 class Adapter(nn.Module):
@@ -56,13 +57,6 @@ def add_parallel_adapters(model: VisionTransformer, make_adapter: Callable[[int]
         block.adapter = make_adapter(model.embed_dim)
 
 
-class AdaptFormerSettings(PeftConfig):
-    """Bottleneck width d (8 in the VTAB tables), branch scale s, dropout after the ReLU."""
-
-    dim: int = 8
-    scale: float = 0.1
-    dropout: float = 0.1
-    bias: bool = True
 
 
 def adaptformer_adapter(width: int, cfg: AdaptFormerSettings) -> Adapter:
@@ -80,7 +74,6 @@ class AdaptFormer(PeftMethod):
     """Parallel bottleneck adapters beside the MLPs; not mergeable."""
 
     name: ClassVar[str] = "adaptformer"
-    config_cls: ClassVar[type[PeftConfig]] = AdaptFormerSettings
     scopes: ClassVar[tuple[str, ...]] = ("adapter",)
 
     def inject(self, model: VisionTransformer, cfg: AdaptFormerSettings) -> None:

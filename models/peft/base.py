@@ -13,19 +13,16 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from models.settings import PEFT_SETTINGS, PeftConfig
 
 
 class PeftError(ValueError):
     """A PEFT method cannot be applied, loaded or merged as asked."""
 
 
-class PeftConfig(BaseModel):
-    """Base of every method's config: frozen, unknown keys rejected, defaults = the paper's values."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class PeftMethod:
@@ -37,10 +34,13 @@ class PeftMethod:
     """
 
     name: ClassVar[str]
-    config_cls: ClassVar[type[PeftConfig]] = PeftConfig
     mergeable: ClassVar[bool] = False
-    token_merging: ClassVar[bool] = True  # ToMe can patch the adapted blocks (models.tome)
     scopes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def config_cls(self) -> type[PeftConfig]:
+        """The method's settings (models/settings.py: `PEFT_SETTINGS`, importable without torch)."""
+        return PEFT_SETTINGS[self.name]
 
     def config(self, cfg: PeftConfig | Mapping[str, Any] | None = None) -> PeftConfig:
         """Validate `cfg` (None -> the paper's defaults; a mapping -> parsed by the config class)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.peft.adaptformer import Adapter, add_parallel_adapters
-from models.peft.base import PeftConfig, PeftError, PeftMethod, copy_into
-
-Bits = Literal[1, 2, 4, 8]
+from models.peft.base import PeftError, PeftMethod, copy_into
+from models.settings import BiAdapterSettings
 
 
 def _centroids(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,13 +137,6 @@ class QuantizedLinear(nn.Linear):
         self.weight.copy_((self.pinned_mean + self.pinned_std * levels[index]).view_as(self.weight))
 
 
-class BiAdapterSettings(PeftConfig):
-    """Width d, bits per weight (1, 2, 4 or 8), branch scale s, dropout after the ReLU."""
-
-    dim: int = 32
-    bits: Bits = 1
-    scale: float = 0.1
-    dropout: float = 0.1
 
 
 def bi_adapter(width: int, cfg: BiAdapterSettings) -> Adapter:
@@ -162,7 +154,6 @@ class BiAdapter(PeftMethod):
     """Quantized parallel adapters; the delta holds packed codes + per-matrix mean / std + the head."""
 
     name: ClassVar[str] = "bi_adapter"
-    config_cls: ClassVar[type[PeftConfig]] = BiAdapterSettings
     scopes: ClassVar[tuple[str, ...]] = ("adapter",)
 
     def inject(self, model: VisionTransformer, cfg: BiAdapterSettings) -> None:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod, add_branch, encoder_linears, unbranch_all
+from models.peft.base import PeftMethod, add_branch, encoder_linears, unbranch_all
+from models.settings import ConsolidatorSettings
 
 
 def channel_shuffle(width: int, groups: int) -> torch.Tensor:
@@ -67,18 +68,12 @@ class ConsolidatorBranch(nn.Module):
         return sum(grouped.delta_weight() for grouped in self.maps)
 
 
-class ConsolidatorSettings(PeftConfig):
-    """Group count of each branch, dropout on the branch input."""
-
-    groups: tuple[int, ...] = (384, 768)
-    dropout: float = 0.1
 
 
 class Consolidator(PeftMethod):
     """Grouped multi-branch adapters on every encoder Linear; mergeable."""
 
     name: ClassVar[str] = "consolidator"
-    config_cls: ClassVar[type[PeftConfig]] = ConsolidatorSettings
     mergeable: ClassVar[bool] = True
     scopes: ClassVar[tuple[str, ...]] = ("branch",)
 

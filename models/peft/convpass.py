@@ -17,7 +17,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod, swap_class
+from models.peft.base import PeftMethod, swap_class
+from models.settings import ConvpassSettings
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -63,20 +64,12 @@ class ConvpassBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(h))) + self.drop_path2(self.bypass_mlp(h))
 
 
-class ConvpassSettings(PeftConfig):
-    """Bypass width (8), scale s (per task in the paper), dropout before Up."""
-
-    dim: int = 8
-    scale: float = 1.0
-    dropout: float = 0.1
 
 
 class Convpass(PeftMethod):
     """Two convolutional bypasses per block; not mergeable."""
 
     name: ClassVar[str] = "convpass"
-    token_merging: ClassVar[bool] = False  # the bypass convolves tokens on their 2-D grid, which merging dissolves
-    config_cls: ClassVar[type[PeftConfig]] = ConvpassSettings
     scopes: ClassVar[tuple[str, ...]] = ("bypass_attn", "bypass_mlp")
 
     def inject(self, model: VisionTransformer, cfg: ConvpassSettings) -> None:

@@ -22,7 +22,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftError, PeftMethod, add_branch, unbranch_all
+from models.peft.base import PeftError, PeftMethod, add_branch, unbranch_all
+from models.settings import FacTSettings
 
 
 def _uniform(shape: tuple[int, ...], bound: float) -> torch.Tensor:
@@ -92,26 +93,14 @@ def _slice_counts(model: VisionTransformer) -> list[tuple[str, int, str]]:
     return [("attn.qkv", 3, "out"), ("attn.proj", 1, "out"), ("mlp.fc1", k, "out"), ("mlp.fc2", k, "in")]
 
 
-class FacTSettings(PeftConfig):
-    """rank r, path scale s (per task in the paper: 0.1-10), dropout on the core path."""
-
-    rank: int = 8
-    scale: float = 1.0
-    dropout: float = 0.1
 
 
-class FacTTKSettings(FacTSettings):
-    """TK defaults from the authors' VTAB configs: r = 32, s = 0.1."""
-
-    rank: int = 32
-    scale: float = 0.1
 
 
 class FacTTT(PeftMethod):
     """FacT with tensor-train factors; merge folds every slice into its Linear and drops model.fact."""
 
     name: ClassVar[str] = "fact_tt"
-    config_cls: ClassVar[type[PeftConfig]] = FacTSettings
     mergeable: ClassVar[bool] = True
     scopes: ClassVar[tuple[str, ...]] = ("fact",)
     kind: ClassVar[Literal["tt", "tk"]] = "tt"
@@ -135,5 +124,4 @@ class FacTTK(FacTTT):
     """FacT with Tucker factors (shared core and slice factor)."""
 
     name: ClassVar[str] = "fact_tk"
-    config_cls: ClassVar[type[PeftConfig]] = FacTTKSettings
     kind: ClassVar[Literal["tt", "tk"]] = "tk"

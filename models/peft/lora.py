@@ -21,23 +21,14 @@ from peft.tuners.lora import LoraLayer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod
-
-
-class LoraSettings(PeftConfig):
-    """rank r, scale alpha / r (alpha = r: scale 1), module-name suffixes to target."""
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("qkv",)
+from models.peft.base import PeftMethod
+from models.settings import LoraSettings
 
 
 class Lora(PeftMethod):
     """Hugging Face peft LoRA injected into the timm module; merge folds B A into W."""
 
     name: ClassVar[str] = "lora"
-    config_cls: ClassVar[type[PeftConfig]] = LoraSettings
     mergeable: ClassVar[bool] = True
     scopes: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 

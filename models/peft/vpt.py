@@ -16,7 +16,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftConfig, PeftMethod, swap_class
+from models.peft.base import PeftMethod, swap_class
+from models.settings import VptSettings
 
 
 class PromptedBlock(Block):
@@ -37,19 +38,12 @@ class PromptedBlock(Block):
         return torch.cat([x[:, :k], x[:, k + p :]], dim=1)
 
 
-class VptSettings(PeftConfig):
-    """Number of prompts per block p, dropout on the prompts."""
-
-    num_prompts: int = 10
-    dropout: float = 0.1
 
 
 class Vpt(PeftMethod):
     """Deep visual prompts; not mergeable."""
 
     name: ClassVar[str] = "vpt"
-    token_merging: ClassVar[bool] = False  # its prompt tokens would be merged into image tokens
-    config_cls: ClassVar[type[PeftConfig]] = VptSettings
     scopes: ClassVar[tuple[str, ...]] = ("prompts",)
 
     def inject(self, model: VisionTransformer, cfg: VptSettings) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from timm.layers import Attention
 from torch import nn
 
@@ -15,22 +13,6 @@ class PruneError(ValueError):
     """A model cannot be pruned as asked (bad keep ratio, unsupported layer, not prepared)."""
 
 
-class PruneSettings(BaseModel):
-    """Keep ratios (0 < k <= 1) of MLP hidden units and of heads, and each method's strength."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of MLP hidden units kept per block")
-    head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
-    lam: float = Field(1e-4, gt=0, description="ResRep group-lasso strength lambda")
-    criterion: Literal["saliency", "norm"] = Field("saliency", description="ResRep: what chooses the forget set")
-    steps: int = Field(2, ge=1, description="training forwards; the structure is reached at the last one")
-    centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength epsilon")
-    seed: int = 0
-
-    @property
-    def heads_ratio(self) -> float:
-        return self.keep_ratio if self.head_keep_ratio is None else self.head_keep_ratio
 
 
 class Schedule(nn.Module):

@@ -10,7 +10,6 @@ from torch import nn
 
 from models.prune.base import (
     PruneError,
-    PruneSettings,
     Schedule,
     _attention,
     _head_rows,
@@ -18,6 +17,7 @@ from models.prune.base import (
     _set_heads,
     keep_count,
 )
+from models.settings import PruneSettings
 
 CRITERIA = ("saliency", "norm")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.provenance import git_commit
 from cluster.submit import (
     COMMIT_STAMP,
     JOB_DIR,
@@ -17,7 +18,6 @@ from cluster.submit import (
     project_requirements,
     staged_project,
 )
-from cluster.tracking import git_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVIRON = {"AWS_ENDPOINT_URL": "http://s3.internal:9000", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "HOME": "/root"}

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from cluster.batches import StreamedBatches, TensorBatches
-from cluster.train import Recipe, Resources, TrainConfig, TrainJob, fit
+from cluster.config import Resources, TrainConfig
+from cluster.train import Recipe, TrainJob, fit
 from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
 
 

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from cluster.weights import local_weights_file, pretrained_backbone, read_weights_source, weights_digest
-from models.vit import ViTSpec
+from models.settings import ViTSpec
 from models.weights import WeightsError
 from pipelines.cli import main
 

@@ -19,8 +19,8 @@ from models.contrastive import (
     nt_xent,
     pooled_features,
 )
-from models.mim import LocalMIMConfig
-from models.pretrain_objectives import PRETRAIN_OBJECTIVES, PretrainObjective, PretrainObjectiveConfig
+from models.pretrain_objectives import PRETRAIN_OBJECTIVES, PretrainObjective
+from models.settings import LocalMIMConfig, PretrainObjectiveConfig
 from models.vit import build_vit
 
 SMALL = dict(rc_widths=(16, 32, 16), proj_dim=32)  # narrow RC decoder and projector for CPU tests

@@ -89,7 +89,7 @@ def test_yaml_round_trips_spec_to_dag_to_node_config(name: str, tmp_path: Path) 
     nodes = build_dag(cfg)
     for node in nodes:
         dumped = node.cfg.model_dump(mode="json", by_alias=True)
-        assert STAGES[node.kind].config.model_validate(dumped) == node.cfg, node.name
+        assert STAGES[node.kind].node.model_validate(dumped) == node.cfg, node.name
     by_name = {n.name: n.cfg for n in nodes}
     for task in cfg.tasks:
         assert by_name[f"data/{task}"].source == cfg.tasks[task].source
@@ -143,7 +143,7 @@ def test_backbone_weights_sha256_goes_into_every_downstream_key(tmp_path: Path) 
     import torch
     from safetensors.torch import save_file
 
-    from models.vit import ViTSpec
+    from models.settings import ViTSpec
 
     path = tmp_path / "encoder.safetensors"
     torch.manual_seed(1)

@@ -61,7 +61,7 @@ def test_a_folder_of_jpegs_becomes_a_fine_tuned_pruned_model(own_run) -> None:
 
 
 def test_editing_the_folder_changes_only_its_branch(own_run) -> None:
-    from pipelines.runner import plan
+    from pipelines.dag import plan
 
     cfg, summary, _, tmp = own_run
     assert {status for _, _, status in plan(cfg)} == {"cached"}

@@ -1,16 +1,20 @@
-"""The run summary: task x method table, VTAB-style group means, heat-map."""
+"""The run summary: each stage's section (the task x method table, VTAB-style group means, heat-map) and the
+node table, read through the stages' typed outputs."""
 
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 from cluster.manifest import Manifest
-from pipelines.dag import Node
-from pipelines.report import group_means, print_summary, summary_artifacts
+from pipelines.report import print_summary, stage_sections, summary_artifacts
 from pipelines.runner import NodeOutcome
+from tasks.finetune.summary import group_means
+from tasks.spec import Committed, Node
 
 ACC = {("a", "linear"): 0.5, ("b", "linear"): 0.7, ("c", "linear"): 0.9, ("a", "lora"): 0.6}
 GROUPS = {"a": "natural", "b": "natural", "c": "structured"}
+PIPELINE = SimpleNamespace(tasks={t: SimpleNamespace(group=g) for t, g in GROUPS.items()})
 
 
 def outcomes() -> list[NodeOutcome]:
@@ -18,14 +22,15 @@ def outcomes() -> list[NodeOutcome]:
     for (task, method), acc in ACC.items():
         node = Node(f"finetune/{task}/{method}", "finetune", {})
         manifest = Manifest(kind="finetune", key="k" * 64, files={}, metrics={"test_accuracy": acc},
-                            outputs={"task": task, "method": method}, mlflow_run_id=None, timings={},
-                            created_at="2026-11-25T00:00:00Z")
+                            outputs={"task": task, "method": method, "num_classes": 2}, mlflow_run_id=None,
+                            timings={}, created_at="2026-11-25T00:00:00Z")
         out.append(NodeOutcome(node, "k" * 64, "ran", 1.0, manifest))
     return out
 
 
 def test_group_means_follow_the_papers_convention() -> None:
-    means = group_means(outcomes(), GROUPS)
+    done = [Committed(o.node, SimpleNamespace(**o.manifest.outputs), o.manifest.metrics) for o in outcomes()]
+    means = group_means(done, GROUPS)
     assert means["linear"]["mean"] == (0.5 + 0.7 + 0.9) / 3
     assert means["linear"]["natural"] == 0.6 and means["linear"]["structured"] == 0.9
     assert means["linear"]["mean_of_groups"] == (0.6 + 0.9) / 2  # groups weigh equally, not tasks
@@ -34,10 +39,26 @@ def test_group_means_follow_the_papers_convention() -> None:
 
 def test_summary_prints_table_and_makes_a_png() -> None:
     buf = io.StringIO()
-    print_summary(outcomes(), GROUPS, buf)
+    sections = stage_sections(outcomes(), PIPELINE)
+    print_summary(outcomes(), sections, buf)
     text = buf.getvalue()
     assert "test accuracy (task x method)" in text and "mean_of_groups" in text
-    metrics, artifacts = summary_artifacts(outcomes(), GROUPS)
+    assert any(ln.startswith("finetune/a/lora ") and ln.rstrip().endswith(" 0.6000") for ln in text.splitlines())
+    metrics, artifacts = summary_artifacts(outcomes(), sections)
     assert metrics["mean_of_groups_test_accuracy.linear"] == 0.75
     assert artifacts["accuracy_heatmap.png"].startswith(b"\x89PNG")
     assert artifacts["accuracy_table.csv"].decode().splitlines()[0] == "task,linear,lora"
+    tables = [t for s in sections for t in s.tables.items()]
+    assert tables == [("accuracy_table.json", {"task": ["a", "b", "c"], "linear": [0.5, 0.7, 0.9],
+                                               "lora": [0.6, None, None]})]
+
+
+def test_a_renamed_output_key_fails_where_it_is_read() -> None:
+    bad = outcomes()[:1]
+    bad[0].manifest.outputs.pop("task")
+    try:
+        stage_sections(bad, PIPELINE)
+    except ValueError as err:  # pydantic's ValidationError: the finetune outputs lack "task"
+        assert "task" in str(err) and "Field required" in str(err)
+    else:
+        raise AssertionError("outputs without 'task' were read")

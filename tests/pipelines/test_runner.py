@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from cluster.manifest import load_manifest, read_weights, stage_prefix
 from cluster.store import open_store
 from pipelines.audit import audit
-from pipelines.runner import plan, run
+from pipelines.dag import plan
+from pipelines.runner import run
 from pipelines.spec import PipelineConfig, load_config
 
 PRETRAIN = {
@@ -147,7 +148,7 @@ def assert_peft_loads_the_adapter(client, store, outcome, run_id: str, keys: dic
     """The logged LoRA adapter is Hugging Face peft's format: PeftModel on the same timm ViT is the task model."""
     from peft import PeftModel
 
-    from tasks.finetune import load_task_model
+    from tasks.finetune.stage import load_task_model
 
     cfg = outcome.node.cfg
     inputs = {"model": outcome.manifest, "data": load_manifest(store, "data", keys["data/faces"]),

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from cluster.store import open_store
 from pipelines.cli import main
-from pipelines.runner import plan, run
+from pipelines.dag import plan
+from pipelines.runner import run
 from pipelines.spec import load_config
 from tests.pipelines.test_runner import statuses, write_config
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.provenance import code_version
 from pipelines.cli import main
-from pipelines.dag import code_version
 from tests.pipelines.test_cli import one_error_line
 
 pytestmark = pytest.mark.reliability
@@ -97,6 +97,40 @@ def test_stage_keys_change_with_the_packages_that_shape_numerics() -> None:
     assert "deepspeed=" in version
 
 
+def test_stage_keys_change_with_an_uncommitted_edit_of_the_source(tmp_path: Path) -> None:
+    from cluster.provenance import SOURCE_PACKAGES, source_digest
+
+    for package in SOURCE_PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "tasks" / "a.py").write_text("x = 2\n")
+    assert source_digest.__wrapped__(tmp_path) != before
+    assert f";src={source_digest()[:16]};" in code_version()
+
+
+BAD_CONFIGS = {
+    "schema": ("stages: {finetune: {train: {steps: 0}}}", "stages.finetune.train.steps: Input should be greater"),
+    "peft method": ("stages: {finetune: {methods: [{name: lora, r: -x}]}}", "stages.finetune.methods[0]: lora: r"),
+    "wiring": ("stages: {evaluate: {}}", "stages.evaluate: it compares with and without ToCom: it needs stages"),
+    "pruner": ("stages: {prune: {pruner: magnitude}}", "stages.prune.pruner: Input should be 'resrep' or 'csgd'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CONFIGS))
+def test_a_bad_config_is_refused_before_torch_ray_or_mlflow_are_imported(tmp_path: Path, kind: str) -> None:
+    """`vitpipe plan` answers a bad config in about a second because it imports none of the heavy packages."""
+    text, message = BAD_CONFIGS[kind]
+    path = tmp_path / "p.yaml"
+    path.write_text(f"tasks: {{faces: {{source: faces}}}}\n{text}\n")
+    probe = ("import sys\nfrom pipelines.cli import main\nrc = main(['plan', sys.argv[1]])\n"
+             "print(rc, sorted(m for m in ('torch', 'ray', 'mlflow', 'timm', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "[]"], (done.stdout, done.stderr[-2000:])
+    assert message in one_error_line(done.stderr)
+
+
 def test_rays_own_messages_go_to_its_log_folder_and_a_lost_node_is_one_line(ray_local, capsys) -> None:
     """Ray's driver prints raylet / GCS messages through ray._private.worker.print_to_stdstream (its error
     listener thread), whatever log_to_driver says; the runner routes them."""
@@ -104,7 +138,7 @@ def test_rays_own_messages_go_to_its_log_folder_and_a_lost_node_is_one_line(ray_
 
     import ray._private.worker as ray_worker
 
-    from pipelines.runner import route_ray_messages
+    from cluster.ray_connect import route_ray_messages
 
     out = io.StringIO()
     original = ray_worker.print_to_stdstream
@@ -153,7 +187,7 @@ def test_a_full_disk_is_recognised_through_ray_and_reads_as_one_line(ray_local, 
 
 LISTENERS = """
 import sys, psutil, ray
-from pipelines.runner import connect_ray
+from cluster.ray_connect import connect_ray
 from pipelines.spec import load_config
 connect_ray(load_config(sys.argv[1]))
 ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])  # workers started too

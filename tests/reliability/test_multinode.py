@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.runner import plan
+from pipelines.dag import plan
 from pipelines.spec import load_config
 
 pytestmark = pytest.mark.reliability

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from cluster.batches import TensorBatches
 from cluster.checkpoints import CheckpointError
-from cluster.train import Recipe, Resources, TrainConfig, TrainJob, _read_result, fit
+from cluster.config import Resources, TrainConfig
+from cluster.train import Recipe, TrainJob, _read_result, fit
 from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
 
 pytestmark = pytest.mark.reliability

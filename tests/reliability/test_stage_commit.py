@@ -11,9 +11,9 @@ from cluster.manifest import load_manifest
 from cluster.retry import RetryPolicy
 from cluster.store import open_store
 from cluster.tracking import Tracker
-from pipelines.dag import Node
-from pipelines.runner import NodeEnv, execute_node
-from tasks.prepare import DataNode
+from pipelines.execute import NodeEnv, execute_node
+from tasks.prepare.spec import DataNode
+from tasks.spec import Node
 
 pytestmark = pytest.mark.reliability
 
@@ -25,8 +25,8 @@ def test_committing_a_stage_removes_its_ray_train_run(tmp_path: Path) -> None:
         (storage / name / "checkpoint_0").mkdir(parents=True)
         (storage / name / "checkpoint_0" / "best.safetensors").write_bytes(b"stale")
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "reliability")
-    env = NodeEnv(str(tmp_path / "artifacts"), RetryPolicy(), tracker, tracker.start_run("data/faces", {}),
-                  seed=0, train_storage=str(storage), board=None)
+    env = NodeEnv(str(tmp_path / "artifacts"), RetryPolicy(), tracker, seed=0, train_storage=str(storage),
+                  board=None, run_id=tracker.start_run("data/faces", {}))
     node = Node("data/faces", "data", DataNode(source="faces"))
     execute_node._function(node, key, env, [])  # the Ray task's body, here: what it does, not where
     assert load_manifest(open_store(env.store_uri), "data", key) is not None

@@ -12,12 +12,11 @@ import torch
 from cluster.batches import DataContext, TensorBatches
 from cluster.manifest import Manifest, StageWriter, read_bytes
 from cluster.store import LocalStore
+from models.settings import ViTSpec
 from models.tocom import load_tocom
-from models.vit import ViTSpec
-from tasks import distill, evaluate, finetune, prepare
 from tasks.backbone import starting_weights
-from tasks.distill import (
-    DistillNode,
+from tasks.distill.spec import DistillNode
+from tasks.distill.stage import (
     WithDegreePairs,
     build_self_distillation,
     corpus,
@@ -26,8 +25,9 @@ from tasks.distill import (
     heldout_kl,
     sample_pair,
 )
-from tasks.evaluate import EvaluateNode
-from tasks.finetune import FinetuneNode
+from tasks.evaluate.spec import EvaluateNode
+from tasks.finetune.spec import FinetuneNode
+from tasks.prepare.spec import DataNode
 from tests.conftest import run_stage
 
 MAX_R = 4  # 64 tokens: 64 -> 60 -> ... -> 48 at r = 4
@@ -45,8 +45,8 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     writer.put_weights("encoder.safetensors", BACKBONE.build(num_classes=0).state_dict())
     return {
         "tmp": tmp, "store": store, "backbone": writer.commit(),
-        "corpus": run_stage(store, tmp, prepare, "data", "photos", prepare.DataNode(source="photos"), {}),
-        "digits": run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {}),
+        "corpus": run_stage(store, tmp, "data", "photos", DataNode(source="photos"), {}),
+        "digits": run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {}),
     }
 
 
@@ -58,7 +58,7 @@ def distilled(world: dict) -> tuple[DistillNode, Manifest]:
              "log_every": 50, "max_failures": 0}
     cfg = DistillNode(backbone=BACKBONE, max_r=MAX_R, train=train, resources=ONE_WORKER, heldout=64)
     inputs = {"corpus": world["corpus"], "backbone": world["backbone"]}
-    return cfg, run_stage(world["store"], world["tmp"], distill, "distill", "tocom", cfg, inputs)
+    return cfg, run_stage(world["store"], world["tmp"], "distill", "tocom", cfg, inputs)
 
 
 def test_config_keeps_paper_defaults_for_unnamed_train_fields() -> None:
@@ -132,7 +132,7 @@ def finetune_config(r_src: int) -> FinetuneNode:
 @pytest.fixture(scope="module")
 def finetuned(world: dict) -> Manifest:
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
-    return run_stage(world["store"], world["tmp"], finetune, "finetune", "digits-full", finetune_config(0), inputs)
+    return run_stage(world["store"], world["tmp"], "finetune", "digits-full", finetune_config(0), inputs)
 
 
 @pytest.mark.parametrize("r_src", [0, 2])
@@ -141,7 +141,7 @@ def test_evaluate_rows_plot_and_identity_at_r_src(world: dict, distilled, finetu
     is beyond R = 4 and uses Delta up to R."""
     cfg = EvaluateNode(model=finetune_config(r_src), r_targets=(0, 2, 4, 8))
     inputs = {"model": finetuned, "data": world["digits"], "tocom": distilled[1], "backbone": world["backbone"]}
-    manifest = run_stage(world["store"], world["tmp"], evaluate, "evaluate", f"digits-full-r{r_src}", cfg, inputs)
+    manifest = run_stage(world["store"], world["tmp"], "evaluate", f"digits-full-r{r_src}", cfg, inputs)
     rows = manifest.outputs["rows"]
     assert [row["r_tgt"] for row in rows] == [0, 2, 4, 8] and manifest.outputs["r_src"] == r_src
     assert rows[-1]["tocom_delta"] == [r_src, MAX_R]
@@ -162,4 +162,4 @@ def test_evaluate_refuses_a_tocom_from_another_backbone(world: dict, distilled, 
     cfg = EvaluateNode(model=finetune_config(0), r_targets=(0,))
     inputs = {"model": finetuned, "data": world["digits"], "tocom": distilled[1]}  # task model: no backbone
     with pytest.raises(ValueError, match="distilled on backbone seeded"):
-        run_stage(world["store"], world["tmp"], evaluate, "evaluate", "mismatch", cfg, inputs)
+        run_stage(world["store"], world["tmp"], "evaluate", "mismatch", cfg, inputs)

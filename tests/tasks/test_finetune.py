@@ -9,10 +9,11 @@ import torch
 from cluster.manifest import StageWriter, read_weights
 from cluster.store import LocalStore
 from models.peft import PEFT_METHODS
-from models.vit import ViTSpec
-from tasks import finetune, prepare
+from models.settings import ViTSpec
 from tasks.classification import accuracy
-from tasks.finetune import FinetuneNode, load_task_model
+from tasks.finetune.spec import FinetuneNode
+from tasks.finetune.stage import build_model, load_task_model
+from tasks.prepare.spec import DataNode
 from tests.conftest import run_stage
 
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
@@ -25,7 +26,7 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(7)
     encoder = StageWriter(store, "pretrain", "seeded")
     encoder.put_weights("encoder.safetensors", ViTSpec().build(num_classes=0).state_dict())
-    digits = run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {})
+    digits = run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {})
     return {"tmp": tmp, "store": store, "backbone": encoder.commit(), "digits": digits}
 
 
@@ -38,10 +39,10 @@ def node(method: dict, **train) -> FinetuneNode:
 def test_fine_tuning_beats_chance_and_stores_only_the_delta(world: dict) -> None:
     cfg = node({"name": "lora", "lr": 5e-3, "r": 4})
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
-    manifest = run_stage(world["store"], world["tmp"], finetune, "finetune", "digits-lora", cfg, inputs, seed=3)
+    manifest = run_stage(world["store"], world["tmp"], "finetune", "digits-lora", cfg, inputs, seed=3)
     assert manifest.metrics["test_accuracy"] > 0.5, manifest.metrics  # ten classes: chance is 0.1
     delta = read_weights(world["store"], manifest, "delta.safetensors")
-    trainable = PEFT_METHODS["lora"].trainable_parameters(finetune.build_model(cfg, 10, None, 3))
+    trainable = PEFT_METHODS["lora"].trainable_parameters(build_model(cfg, 10, None, 3))
     assert set(delta) == set(trainable)
     model = load_task_model(world["store"], cfg, {"model": manifest, **inputs}, seed=3)
     assert accuracy(model, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy"]
@@ -53,7 +54,7 @@ def test_the_checkpoint_best_on_val_is_kept_when_validation_peaks_mid_run(world:
     cfg = node({"name": "linear", "lr": 5.0}, steps=24, warmup_steps=0, min_lr=5.0, checkpoint_every=4,
                grad_clip=0.0).model_copy(update={"head_init": "random"})
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
-    manifest = run_stage(world["store"], world["tmp"], finetune, "finetune", "digits-jumpy", cfg, inputs)
+    manifest = run_stage(world["store"], world["tmp"], "finetune", "digits-jumpy", cfg, inputs)
     metrics = manifest.metrics
     assert 0 < metrics["best_step"] < 24, metrics  # validation peaked after the start, before the end
     stored = load_task_model(world["store"], cfg, {"model": manifest, **inputs}, seed=0)
@@ -62,7 +63,7 @@ def test_the_checkpoint_best_on_val_is_kept_when_validation_peaks_mid_run(world:
 
 def test_the_seed_reaches_head_and_method_initialisation() -> None:
     cfg = node({"name": "lora", "r": 4})
-    heads = [finetune.build_model(cfg, 10, None, seed).head.weight for seed in (0, 0, 1)]
+    heads = [build_model(cfg, 10, None, seed).head.weight for seed in (0, 0, 1)]
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
 
@@ -72,5 +73,5 @@ def test_a_run_that_only_hurts_validation_returns_its_starting_point(world: dict
     cfg = node({"name": "linear", "lr": 5.0}, steps=8, warmup_steps=0, min_lr=5.0, checkpoint_every=4,
                grad_clip=0.0)
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
-    manifest = run_stage(world["store"], world["tmp"], finetune, "finetune", "digits-probe-start", cfg, inputs)
+    manifest = run_stage(world["store"], world["tmp"], "finetune", "digits-probe-start", cfg, inputs)
     assert manifest.metrics["best_step"] == 0 and manifest.metrics["test_accuracy"] > 0.5, manifest.metrics

@@ -10,9 +10,9 @@ import torch
 
 from cluster.manifest import Manifest, read_bytes, read_weights
 from cluster.store import LocalStore
-from models.vit import ViTSpec
-from tasks import prepare, pretrain
-from tasks.pretrain import PretrainNode
+from models.settings import ViTSpec
+from tasks.prepare.spec import DataNode
+from tasks.pretrain.spec import PretrainNode
 from tests.conftest import run_stage
 
 OBJECTIVE = {"weights": {"localmim": 1.0, "infocl": 1.0},
@@ -28,8 +28,8 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = LocalStore(str(tmp / "store"))
     return {
         "tmp": tmp, "store": store,
-        "corpus": run_stage(store, tmp, prepare, "data", "photos", prepare.DataNode(source="photos"), {}),
-        "digits": run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {}),
+        "corpus": run_stage(store, tmp, "data", "photos", DataNode(source="photos"), {}),
+        "digits": run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {}),
     }
 
 
@@ -37,7 +37,7 @@ def _pretrain(world: dict, key: str, workers: int, loader: str, probe: bool = Tr
     cfg = PretrainNode(backbone=ViTSpec(), objective=OBJECTIVE, train=TRAIN, loader=loader,
                          resources={"num_workers": workers, "cpus_per_worker": 1})
     inputs = {"corpus": world["corpus"], **({"probe:digits": world["digits"]} if probe else {})}
-    return cfg, run_stage(world["store"], world["tmp"], pretrain, "pretrain", key, cfg, inputs)
+    return cfg, run_stage(world["store"], world["tmp"], "pretrain", key, cfg, inputs)
 
 
 def _losses(store: LocalStore, manifest: Manifest) -> torch.Tensor:

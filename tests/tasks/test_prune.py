@@ -3,7 +3,6 @@ artifact store, MLflow (SQLite) with its model registry; the exported model relo
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -15,14 +14,15 @@ from cluster.manifest import Manifest, StageWriter, read_bytes
 from cluster.store import LocalStore
 from cluster.tracking import Tracker
 from models.deploy import load
+from models.settings import ViTSpec
 from models.tocom import TokenCompensator, save_tocom
-from models.vit import ViTSpec
 from pipelines.dag import build_dag
 from pipelines.spec import ConfigError, load_config
-from tasks import finetune, prepare, prune
 from tasks.classification import accuracy
-from tasks.finetune import FinetuneNode
-from tasks.prune import PruneNode
+from tasks.finetune.spec import FinetuneNode
+from tasks.prepare.spec import DataNode
+from tasks.prune import stage as prune
+from tasks.prune.spec import PruneNode
 from tests.conftest import run_stage
 
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
@@ -45,7 +45,7 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
         torch.nn.init.normal_(block.b_v.weight, std=0.05)
     distilled = StageWriter(store, "distill", "tocom")
     distilled.put_bytes("tocom.safetensors", save_tocom(tocom))
-    digits = run_stage(store, tmp, prepare, "data", "digits", prepare.DataNode(source="digits"), {})
+    digits = run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {})
     return {"tmp": tmp, "store": store, "backbone": encoder.commit(), "digits": digits,
             "tocom": distilled.commit(outputs={"max_r": 4, "backbone_key": "seeded"}),
             "tracker": Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "test-prune")}
@@ -65,7 +65,7 @@ def prune_config(ft: FinetuneNode, pruner: str, **kwargs) -> PruneNode:
 
 def finetuned(world: dict, ft: FinetuneNode, key: str) -> Manifest:
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
-    return run_stage(world["store"], world["tmp"], finetune, "finetune", key, ft, inputs)
+    return run_stage(world["store"], world["tmp"], "finetune", key, ft, inputs)
 
 
 def exported(world: dict, manifest: Manifest, tmp: Path) -> Path:
@@ -81,7 +81,7 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     cfg = prune_config(ft, "resrep", keep_ratio=0.5, r_tgt=4, recover=RECOVER, register_flagged=True,
                        **{"lambda": 1e-3})
     inputs = {"model": model, "data": world["digits"], "backbone": world["backbone"], "tocom": world["tocom"]}
-    manifest = run_stage(world["store"], world["tmp"], prune, "prune", "digits-fact-resrep", cfg, inputs,
+    manifest = run_stage(world["store"], world["tmp"], "prune", "digits-fact-resrep", cfg, inputs,
                          world["tracker"])
     out, metrics = manifest.outputs, manifest.metrics
     assert out["widths"] == [{"mlp_hidden": 128, "num_heads": 2}] * 4 and out["merged"] is True
@@ -149,7 +149,7 @@ def test_csgd_keeps_an_unmergeable_adapter_and_merges_tokens_beside_it(world: di
     model = finetuned(world, ft, "digits-biadapter")
     cfg = prune_config(ft, "csgd", keep_ratio=0.75, head_keep_ratio=0.5, r_tgt=4, recover=None)
     inputs = {"model": model, "data": world["digits"], "backbone": world["backbone"]}
-    manifest = run_stage(world["store"], world["tmp"], prune, "prune", "digits-bi-csgd", cfg, inputs)
+    manifest = run_stage(world["store"], world["tmp"], "prune", "digits-bi-csgd", cfg, inputs)
     out = manifest.outputs
     assert out["widths"] == [{"mlp_hidden": 192, "num_heads": 2}] * 4
     assert out["merged"] is False and out["recovered"] is False and out["r_tgt"] == 4
@@ -193,18 +193,16 @@ def test_flags_name_models_a_user_would_not_keep() -> None:
 def test_the_summary_says_which_models_were_flagged_and_withheld() -> None:
     from types import SimpleNamespace
 
-    from pipelines.report import print_summary
+    from tasks.prune.spec import PruneOutputs, summary
+    from tasks.spec import Committed
 
     side = {"test_accuracy": 0.1, "params": 1e6, "flops": 1e9, "latency_ms_b1": 1.0, "throughput_b64": 100.0}
-    outputs = {"task": "digits", "method": "lora", "pruner": "resrep", "keep_ratio": 0.5, "r_src": 0, "r_tgt": 4,
-               "before": side, "after": side, "registered": None,
-               "flags": {"chance": "test accuracy 0.100 is at chance", "slower_b1": "slower at batch 1"}}
-    outcome = SimpleNamespace(node=SimpleNamespace(name="prune/digits/lora", kind="prune"), status="ran",
-                              key="k" * 64, seconds=1.0, manifest=SimpleNamespace(outputs=outputs, metrics={}),
-                              error=None)
-    out = io.StringIO()
-    print_summary([outcome], {}, out)
-    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("flagged")]
+    outputs = PruneOutputs(task="digits", method="lora", pruner="resrep", keep_ratio=0.5, merged=True,
+                           reprobed=True, recovered=False, reprobed_deployed=False, r_src=0, r_tgt=4, tocom=None,
+                           widths=(), before=side, after=side, torch_threads=1, registered=None,
+                           flags={"chance": "test accuracy 0.100 is at chance", "slower_b1": "slower at batch 1"})
+    section = summary([Committed(SimpleNamespace(name="prune/digits/lora"), outputs, {})], SimpleNamespace())
+    lines = [ln for ln in section.text.splitlines() if ln.startswith("flagged")]
     assert lines == ["flagged  digits/lora/resrep: test accuracy 0.100 is at chance; not registered "
                      "(stages.prune.register_flagged: true registers it)",
                      "flagged  digits/lora/resrep: slower at batch 1"]

@@ -8,39 +8,26 @@ s chosen on the validation split. At r_tgt = r_src, Delta is exactly zero, so bo
 from __future__ import annotations
 
 import io
-from typing import Annotated, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
-from models.tocom import TOCOM_SCALES, ToComPlug, load_tocom, plug, unplug
+from models.settings import ViTSpec
+from models.tocom import ToComPlug, load_tocom, plug, unplug
 from models.tome import apply_tome, set_tome_r
-from models.vit import ViTSpec
 from tasks.backbone import backbone_identity
 from tasks.classification import accuracy
-from tasks.config import Frozen
-from tasks.finetune import FinetuneNode, load_task_model
-
-
-class EvaluateConfig(Frozen):
-    """`stages.evaluate`: the deployment ToMe degrees r_tgt, and the ToCom scales s searched on val."""
-
-    r_targets: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 2, 4, 8), min_length=1)
-    tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field(TOCOM_SCALES, min_length=1)
-
-
-class EvaluateNode(EvaluateConfig):
-    """One evaluate node: the sweep, for the task model of one finetune node."""
-
-    model: FinetuneNode
+from tasks.distill.spec import DistillOutputs
+from tasks.evaluate.spec import DegreeRow, EvaluateNode, EvaluateOutputs
+from tasks.finetune.stage import load_task_model
+from tasks.prepare.spec import DataOutputs
 
 
 def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: int, r_src: int, r_tgt: int,
-                    scales: tuple[float, ...]) -> dict[str, Any]:
+                    scales: tuple[float, ...]) -> DegreeRow:
     """One row: test accuracy at r_tgt without ToCom, and with Delta(r_src -> r_tgt) at the s best on val.
 
     Degrees above the ToCom's R use Delta up to R: it has no sub-plugins beyond (and when R was clamped to
@@ -56,19 +43,19 @@ def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: 
         state.scale = scale
         val[scale] = accuracy(model, uri, "val", size)
     state.scale = max(scales, key=val.__getitem__)
-    return {"r_tgt": r_tgt, "acc_without": without, "acc_with": accuracy(model, uri, "test", size),
-            "scale": state.scale, "val_without": val_without, "val_with": val[state.scale],
-            "tocom_delta": [state.source_r, state.target_r]}
+    return DegreeRow(r_tgt=r_tgt, acc_without=without, acc_with=accuracy(model, uri, "test", size),
+                     scale=state.scale, val_without=val_without, val_with=val[state.scale],
+                     tocom_delta=(state.source_r, state.target_r))
 
 
-def plot_accuracy(rows: list[dict[str, Any]], r_src: int, title: str) -> bytes:
+def plot_accuracy(rows: list[DegreeRow], r_src: int, title: str) -> bytes:
     """PNG bytes: test accuracy vs r_tgt, with and without ToCom, r_src marked."""
     fig = Figure(figsize=(5.5, 3.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    r = [row["r_tgt"] for row in rows]
-    ax.plot(r, [row["acc_without"] for row in rows], "o-", label="ToMe only")
-    ax.plot(r, [row["acc_with"] for row in rows], "s--", label="ToMe + ToCom")
+    r = [row.r_tgt for row in rows]
+    ax.plot(r, [row.acc_without for row in rows], "o-", label="ToMe only")
+    ax.plot(r, [row.acc_with for row in rows], "s--", label="ToMe + ToCom")
     ax.axvline(r_src, color="grey", linestyle=":", label=f"fine-tuned at r = {r_src}")
     ax.set(xlabel="deployment ToMe degree r_tgt", ylabel="test accuracy", title=title)
     ax.set_xticks(r)
@@ -82,7 +69,7 @@ def plot_accuracy(rows: list[dict[str, Any]], r_src: int, title: str) -> bytes:
 
 def check_backbones(ctx: StageContext, inputs: dict[str, Manifest], spec: ViTSpec) -> None:
     """The ToCom must come from the backbone the task model was fine-tuned from."""
-    tocom_from = inputs["tocom"].outputs.get("backbone_key")
+    tocom_from = DistillOutputs.of(inputs["tocom"]).backbone_key
     task_from = backbone_identity(inputs, spec)
     if tocom_from != task_from:
         raise ValueError(f"ToCom {inputs['tocom'].key} was distilled on backbone {tocom_from}, "
@@ -95,7 +82,7 @@ def check_backbones(ctx: StageContext, inputs: dict[str, Manifest], spec: ViTSpe
 def run(ctx: StageContext, cfg: EvaluateNode, inputs: dict[str, Manifest]) -> StageResult:
     """inputs: "model" (finetune), "data", "tocom" (distill), optional "backbone" (the pretrained encoder)."""
     check_backbones(ctx, inputs, cfg.model.backbone)
-    r_src, uri, size = cfg.model.r_src, inputs["data"].outputs["uri"], cfg.model.backbone.img_size
+    r_src, uri, size = cfg.model.r_src, DataOutputs.of(inputs["data"]).uri, cfg.model.backbone.img_size
     model = apply_tome(load_task_model(ctx.store, cfg.model, inputs, ctx.seed), r_src)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
     state = plug(model, tocom, 0, 0)
@@ -103,17 +90,17 @@ def run(ctx: StageContext, cfg: EvaluateNode, inputs: dict[str, Manifest]) -> St
     unplug(model)
 
     task, method = cfg.model.task, cfg.model.method.name
-    outputs = {"task": task, "method": method, "r_src": r_src, "rows": rows}
-    ctx.writer.put_json("eval.json", outputs)
+    outputs = EvaluateOutputs(task=task, method=method, r_src=r_src, rows=tuple(rows))
+    ctx.writer.put_json("eval.json", outputs.model_dump(mode="json"))
     png = plot_accuracy(rows, r_src, f"{task} / {method}: fine-tuned at r = {r_src}")
     ctx.writer.put_bytes("tome_tocom.png", png)
     ctx.log_artifact("tome_tocom.png", png)
 
     metrics = {}
     for row in rows:
-        metrics[f"acc_r{row['r_tgt']}"] = row["acc_without"]
-        metrics[f"acc_tocom_r{row['r_tgt']}"] = row["acc_with"]
-    gains = [row["acc_with"] - row["acc_without"] for row in rows if row["r_tgt"] != r_src]
+        metrics[f"acc_r{row.r_tgt}"] = row.acc_without
+        metrics[f"acc_tocom_r{row.r_tgt}"] = row.acc_with
+    gains = [row.acc_with - row.acc_without for row in rows if row.r_tgt != r_src]
     if gains:
         metrics["tocom_gain_mean"] = sum(gains) / len(gains)
     return StageResult(metrics=metrics, outputs=outputs)

@@ -14,41 +14,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cluster.batches import DataContext, TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources
+from cluster.train import Recipe
+from models.settings import ViTSpec
 from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
 from models.tome import apply_tome, set_tome_r
-from models.vit import ViTSpec
 from tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
 from tasks.classification import cached_split, normalize
-from tasks.config import Frozen, paper_train
+from tasks.distill.spec import DistillNode, DistillOutputs
+from tasks.prepare.spec import DataOutputs
 
 MAX_PAIRS = 64  # held-out KL: all pairs m != n up to this many, else a fixed seeded sample
-
-
-class DistillConfig(Frozen):
-    """`stages.distill`: ToCom self-distillation on the corpus (METHODS.md 4; optimisation = the paper's)."""
-
-    max_r: int = Field(16, ge=1, description="R, the largest ToMe degree ToCom covers")
-    rho: int = Field(2, ge=1, description="hidden channels per degree step")
-    tau: float = Field(1.0, gt=0)
-    scale: float = Field(0.1, gt=0, description="s in q += s * Delta_q(x)")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    train: paper_train(lr=2e-3, weight_decay=0.05)
-    resources: Resources = Resources()
-    heldout: int = Field(256, gt=0, description="corpus images held out for the KL report")
-
-
-class DistillNode(DistillConfig):
-    """The distill node: the stage config on the pipeline's backbone."""
-
-    backbone: ViTSpec
 
 
 def effective_max_r(backbone: VisionTransformer, max_r: int) -> int:
@@ -174,7 +155,7 @@ def evaluate_distillation(cfg: DistillNode, encoder: BackboneWeights | None, see
 
 
 def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> StageResult:
-    uri, size = inputs["corpus"].outputs["uri"], cfg.backbone.img_size
+    uri, size = DataOutputs.of(inputs["corpus"]).uri, cfg.backbone.img_size
     encoder = starting_weights(ctx.store, inputs, cfg.backbone)
     backbone_kind = backbone_tag(encoder)
     ctx.set_tags({"vitpipe.backbone": backbone_kind})
@@ -198,6 +179,6 @@ def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> Sta
         "train_seconds": fitted.seconds,
         **fitted.final,
     }
-    outputs = {"max_r": max_r, "rho": cfg.rho, "scale": cfg.scale, "pairs": len(pairs),
-               "backbone": backbone_kind, "backbone_key": backbone_identity(inputs, cfg.backbone)}
+    outputs = DistillOutputs(max_r=max_r, rho=cfg.rho, scale=cfg.scale, pairs=len(pairs), backbone=backbone_kind,
+                             backbone_key=backbone_identity(inputs, cfg.backbone))
     return StageResult(metrics=metrics, outputs=outputs)

@@ -8,44 +8,22 @@ randomly initialised encoder, so a run shows whether pretraining helped.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from cluster.batches import StreamedBatches, TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest
-from cluster.train import Recipe, Resources
-from models.pretrain_objectives import PretrainObjective, PretrainObjectiveConfig
-from models.vit import ViTSpec
+from cluster.train import Recipe
+from models.pretrain_objectives import PretrainObjective
+from models.settings import PretrainObjectiveConfig, ViTSpec
 from tasks.augment import contrastive_view, mim_view
 from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
 from tasks.classification import cached_split, features
-from tasks.config import Frozen, paper_train
 from tasks.data import ray_dataset
-
-PROBE_PREFIX = "probe:"
-
-
-class PretrainConfig(Frozen):
-    """`stages.pretrain`: the objective, its optimisation (defaults = MAE/LocalMIM's) and the end-of-stage probe."""
-
-    objective: PretrainObjectiveConfig = PretrainObjectiveConfig()
-    train: paper_train(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    resources: Resources = Resources()
-    probe: bool = Field(True, description="linear-probe every downstream task at the end of pretraining")
-    loader: Literal["ray_data", "memory"] = Field(
-        "ray_data", description="ray_data: stream the corpus shards through Ray Data into each worker (any size); "
-        "memory: decode it into every worker (small corpora; the same sample order for any worker count)")
-
-
-class PretrainNode(PretrainConfig):
-    """The pretrain node: the stage config on the pipeline's backbone, probing these tasks."""
-
-    backbone: ViTSpec
-    probe_tasks: tuple[str, ...] = Field((), description="downstream tasks for the end-of-stage linear probe")
+from tasks.prepare.spec import DataOutputs
+from tasks.pretrain.spec import PROBE_PREFIX, PretrainNode, PretrainOutputs
 
 
 class PretrainModel(nn.Module):
@@ -90,7 +68,7 @@ def linear_probe(vit: nn.Module, uri: str, size: int) -> float:
 
 
 def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> StageResult:
-    corpus = inputs["corpus"].outputs["uri"]
+    corpus = DataOutputs.of(inputs["corpus"]).uri
     size = cfg.backbone.img_size
     contrastive = cfg.objective.weights.get("infocl", 0) > 0
     views = functools.partial(two_views, contrastive)
@@ -111,7 +89,7 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
     random_vit = cfg.backbone.build(num_classes=0)
     for role, manifest in inputs.items():
         if role.startswith(PROBE_PREFIX):
-            task, uri = role.removeprefix(PROBE_PREFIX), manifest.outputs["uri"]
+            task, uri = role.removeprefix(PROBE_PREFIX), DataOutputs.of(manifest).uri
             metrics[f"probe_accuracy.{task}"] = linear_probe(model.vit, uri, size)
             metrics[f"probe_accuracy_random_init.{task}"] = linear_probe(random_vit, uri, size)
             if init is not None:
@@ -119,4 +97,4 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
                     cfg.backbone, cfg.objective, init).vit, uri, size)
     ctx.set_tags({"backbone": "pretrained-here", "vitpipe.backbone.start": backbone_tag(init),
                   "objective.weights": str(dict(cfg.objective.weights))})
-    return StageResult(metrics=metrics, outputs={"arch": cfg.backbone.arch, "img_size": size})
+    return StageResult(metrics=metrics, outputs=PretrainOutputs(arch=cfg.backbone.arch, img_size=size))

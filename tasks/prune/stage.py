@@ -19,82 +19,37 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import AfterValidator, ConfigDict, Field
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cluster.batches import TensorBatches
 from cluster.context import StageContext, StageResult
 from cluster.manifest import Manifest, read_bytes
-from cluster.train import Recipe, Resources
+from cluster.train import Recipe
 from models.deploy import export
 from models.heads import fold_whitening
 from models.peft import PEFT_METHODS
-from models.prune import PRUNERS, PruneSettings, block_widths, count_flops, count_params, merge_tocom_pruned
-from models.tocom import TOCOM_SCALES, load_tocom
+from models.prune import PRUNERS, block_widths, count_flops, count_params, merge_tocom_pruned
+from models.settings import PruneSettings
+from models.tocom import load_tocom
 from models.tome import apply_tome, tome_r
 from tasks.classification import accuracy, cached_split, classification_loss, flip, logits, probed_head
-from tasks.config import Frozen, paper_train
-from tasks.evaluate import check_backbones
-from tasks.finetune import FinetuneNode, load_task_model
+from tasks.evaluate.stage import check_backbones
+from tasks.finetune.spec import FinetuneNode
+from tasks.finetune.stage import load_task_model
+from tasks.prepare.spec import DataOutputs
+from tasks.prune.spec import UNFIT, PruneNode, PruneOutputs
 
 # tasks.classification.normalize maps uint8 x to x / 127.5 - 1, i.e. (x / 255 - 0.5) / 0.5 per channel.
 PREPROCESS = {"input": "RGB, uint8 scaled to [0, 1]", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
-def _known_pruner(name: str) -> str:
-    if name not in PRUNERS:
-        raise ValueError(f"unknown pruner {name!r} (known: {', '.join(PRUNERS)})")
-    return name
-
-
-class PruneConfig(Frozen):
-    """`stages.prune`: which fine-tuned models to prune, how, and how they are deployed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-    pruner: Annotated[str, AfterValidator(_known_pruner)] = "resrep"
-    peft_methods: tuple[str, ...] | None = Field(None, description="fine-tuned models to prune; None: all")
-    keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of MLP hidden units kept")
-    head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
-    lam: float = Field(1e-4, gt=0, alias="lambda", description="ResRep group-lasso strength")
-    criterion: Literal["saliency", "norm"] = Field("saliency", description="ResRep: what chooses the forget set "
-                                                   "(models.prune.resrep.Compactor)")
-    centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength")
-    train: paper_train(steps=100, lr=1e-3, warmup_steps=5, weight_decay=0.0)
-    # ResRep's recovery: the converted, narrower model fine-tuned (every weight) on the task; null: none.
-    recover: paper_train(optional=True, steps=100, lr=1e-4, warmup_steps=5, weight_decay=0.0)
-    r_tgt: int = Field(0, ge=0, description="ToMe degree r_tgt of the deployed model")
-    tocom_scales: tuple[Annotated[float, Field(gt=0)], ...] = Field(TOCOM_SCALES, min_length=1)
-    resources: Resources = Resources()
-    latency_repeats: int = Field(20, gt=0, description="timed forwards per model and batch size")
-    registry_prefix: str = Field("vitpipe", description="registered models are named <prefix>-<task>-<method>-<pruner>")
-    register_flagged: bool = Field(False, description="register a model flagged as unfit too: at chance on the "
-                                   "test split, or slower than its unpruned parent at batch 1 and at batch 64")
-
-    def settings(self) -> PruneSettings:
-        """The pruner's schedule runs over every training forward (micro-batches)."""
-        return PruneSettings(keep_ratio=self.keep_ratio, head_keep_ratio=self.head_keep_ratio, lam=self.lam,
-                             criterion=self.criterion, steps=self.train.steps * self.train.grad_accum,
-                             centripetal=self.centripetal)
-
-
-class PruneNode(PruneConfig):
-    """One prune node: the stage config for the task model of one finetune node."""
-
-    model: FinetuneNode
-
-    @classmethod
-    def of(cls, stage: PruneConfig, model: FinetuneNode) -> PruneNode:
-        return cls(**{**dict(stage), "peft_methods": (model.method.name,)}, model=model)
-
-
-def prunable(baseline: nn.Module, method: str, settings: PruneSettings) -> nn.Module:
+def prunable(baseline: nn.Module, pruner: str, settings: PruneSettings) -> nn.Module:
     """A copy of the fine-tuned model prepared for pruning, every parameter trainable (the Recipe's model)."""
-    model = PRUNERS[method].prepare(copy.deepcopy(baseline), settings)
+    model = PRUNERS[pruner].prepare(copy.deepcopy(baseline), settings)
     return model.requires_grad_(True).train()
 
 
@@ -143,7 +98,7 @@ def merge_tocom(ctx: StageContext, cfg: PruneNode, model: VisionTransformer, str
         return None
     check_backbones(ctx, inputs, cfg.model.backbone)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
-    uri, size = inputs["data"].outputs["uri"], cfg.model.backbone.img_size
+    uri, size = DataOutputs.of(inputs["data"]).uri, cfg.model.backbone.img_size
     delta = (min(r_src, tocom.max_r), min(r_tgt, tocom.max_r))
     val = {}
     for scale in cfg.tocom_scales:
@@ -248,9 +203,6 @@ def flags(before: dict[str, float], after: dict[str, float], num_classes: int, n
     return found
 
 
-UNFIT = ("chance", "slower")  # flags that withhold registration unless register_flagged
-
-
 def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, meta: dict[str, Any],
                         tags: dict[str, float], flagged: dict[str, str], example: torch.Tensor
                         ) -> dict[str, str] | None:
@@ -273,8 +225,8 @@ def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, met
 
 def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> StageResult:
     """inputs: "model" (finetune), "data", optional "backbone" (pretrained encoder) and "tocom" (distill)."""
-    ft, data = cfg.model, inputs["data"].outputs
-    uri, size, r_src = data["uri"], ft.backbone.img_size, ft.r_src
+    ft, data = cfg.model, DataOutputs.of(inputs["data"])
+    uri, size, r_src = data.uri, ft.backbone.img_size, ft.r_src
     baseline = merged_baseline(ctx, ft, inputs)
     started = time.perf_counter()
     model, structure, trained = prune_and_convert(ctx, cfg, baseline, uri, size)
@@ -294,10 +246,10 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
     before, after = compare(baseline, model, uri, size, cfg.latency_repeats)
 
     metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
-    meta = {"task": ft.task, "classes": data["classes"], "finetune_method": ft.method.name, "pruner": cfg.pruner,
+    meta = {"task": ft.task, "classes": list(data.classes), "finetune_method": ft.method.name, "pruner": cfg.pruner,
             "keep_ratio": cfg.keep_ratio, "head_keep_ratio": cfg.settings().heads_ratio, "structure": structure,
             "tocom": tocom, "preprocess": {"img_size": size, **PREPROCESS}}
-    flagged = flags(before, after, len(data["classes"]), len(cached_split(uri, "test", size)[1]))
+    flagged = flags(before, after, len(data.classes), len(cached_split(uri, "test", size)[1]))
     registered = export_and_register(ctx, cfg, model, meta, metrics, flagged, cached_split(uri, "test", size)[0][:2])
     metrics |= {
         "test_accuracy": after["test_accuracy"], "pruned_test_accuracy": pruned_accuracy,
@@ -309,10 +261,9 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
         "throughput_ratio": after["throughput_b64"] / before["throughput_b64"],
         **trained,
     }
-    outputs = {"task": ft.task, "method": ft.method.name, "pruner": cfg.pruner, "keep_ratio": cfg.keep_ratio,
-               "merged": PEFT_METHODS[ft.method.name].mergeable, "reprobed": reprobed, "recovered": recovered,
-               "reprobed_deployed": reprobed_deployed,
-               "r_src": r_src, "r_tgt": r_tgt, "tocom": tocom, "widths": block_widths(model), "before": before,
-               "after": after, "torch_threads": torch.get_num_threads(), "registered": registered,
-               "flags": flagged}
+    outputs = PruneOutputs(task=ft.task, method=ft.method.name, pruner=cfg.pruner, keep_ratio=cfg.keep_ratio,
+                           merged=PEFT_METHODS[ft.method.name].mergeable, reprobed=reprobed, recovered=recovered,
+                           reprobed_deployed=reprobed_deployed, r_src=r_src, r_tgt=r_tgt, tocom=tocom,
+                           widths=block_widths(model), before=before, after=after,
+                           torch_threads=torch.get_num_threads(), registered=registered, flags=flagged)
     return StageResult(metrics=metrics, outputs=outputs)

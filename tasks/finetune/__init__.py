@@ -1,0 +1,1 @@
+"""The finetune stage: one (task, PEFT method) pair, trained on the shared DeepSpeed / Ray Train loop."""
