@@ -18,12 +18,12 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import ray
 import torch
 import yaml
+from recording import record
 
 from cluster.train import param_groups
 from pipelines.runner import run
@@ -32,7 +32,6 @@ from tasks.classification import accuracy, cached_split, classification_loss, fl
 from tasks.finetune.spec import FinetuneNode
 from tasks.finetune.stage import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("linear", "bitfit", "lora", "adaptformer", "fact_tt", "fact_tk", "vpt", "full")
 BATCH = 32
 
@@ -121,9 +120,7 @@ def main() -> None:
         where = f"GPU {args.gpu_fraction} per node" if args.gpu_fraction else "CPU"
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, Ray {cpus} CPUs, {where}, "
                    f"sequential with {torch.get_num_threads()} torch thread(s)")
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### bench_fanout.py, {date.today()}, {machine}, {args.steps} steps\n\n")
-            f.write("".join(f"- {line}\n" for line in lines))
+        record(f"{machine}, {args.steps} steps", lines)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ import io
 import platform
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from recording import record
 
 from cluster.train import param_groups
 from pipelines.runner import run
@@ -27,8 +27,6 @@ from pipelines.spec import load_config
 from tasks.classification import cached_split, classification_loss, flip
 from tasks.finetune.spec import FinetuneNode
 from tasks.finetune.stage import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_config(work: Path, steps: int) -> Path:
@@ -109,9 +107,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.record:
         machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), CPU"
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### bench_overhead.py, {date.today()}, {machine}, {args.steps} steps\n\n")
-            f.write("".join(f"- {line}\n" for line in lines))
+        record(f"{machine}, {args.steps} steps", lines)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,18 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from recording import record
 from torch import nn
 
 from models.peft import PEFT_METHODS, PeftMethod
 from models.vit import build_vit
 
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 ARCH = dict(arch="vitpipe_tiny_patch4_32", num_classes=10, embed_dim=192, depth=6, num_heads=3)
 
@@ -149,11 +146,8 @@ def main() -> None:
     print(f"{args.warmup} warm-up + 1 memory + {args.rounds} timed steps x {len(runs)} methods, {elapsed:.0f} s")
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
-        command = "python benchmarks/bench_peft.py " + " ".join(sys.argv[1:])
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### bench_peft.py, {date.today()}, {machine}, load average {load:.1f} at start\n\n")
-            f.write(f"`{command}`: batch {args.batch}, {args.rounds} interleaved rounds, {elapsed:.0f} s\n\n")
-            f.write("".join(f"{line}\n" for line in lines))
+        record(f"{machine}, load average {load:.1f} at start", lines,
+               note=f"batch {args.batch}, {args.rounds} interleaved rounds, {elapsed:.0f} s", table=True)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ import argparse
 import io
 import os
 import platform
-import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import yaml
 from bench_overhead import stage_throughput  # benchmarks/ is the script's own folder
+from recording import record
 
 from cluster.train import param_groups, warmup_cosine
 from models.settings import PretrainObjectiveConfig, ViTSpec
@@ -39,7 +38,6 @@ from tasks.data import prepare
 from tasks.pretrain.spec import PretrainNode
 from tasks.pretrain.stage import PretrainModel, linear_probe, two_views
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = {"arch": "vitpipe_tiny_patch4_32", "img_size": 32}
 TRAIN = {"batch_size": 64, "lr": 0.001, "betas": [0.9, 0.95], "weight_decay": 0.05, "warmup_steps": 15,
          "log_every": 10}
@@ -144,11 +142,7 @@ def main() -> None:
     print(f"{elapsed:.0f} s in all")
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread per loop, CPU"
-        command = "python benchmarks/bench_pretrain.py " + " ".join(sys.argv[1:])
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### bench_pretrain.py, {date.today()}, {machine}, load average {load:.1f} at start\n\n")
-            f.write(f"`{command}`: {elapsed:.0f} s\n\n")
-            f.write("".join(f"- {line}\n" for line in lines))
+        record(f"{machine}, load average {load:.1f} at start", lines, note=f"{elapsed:.0f} s")
 
 
 if __name__ == "__main__":

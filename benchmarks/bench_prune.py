@@ -20,10 +20,10 @@ import functools
 import platform
 import tempfile
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
+from recording import record
 from torch import nn
 
 from cluster.config import TrainConfig
@@ -40,7 +40,6 @@ from tasks.prepare.spec import DataNode
 from tasks.prepare.stage import run as prepare_data
 from tasks.prune.stage import cpu_speed, reprobe
 
-ROOT = Path(__file__).resolve().parents[1]
 KEEP_RATIOS = (1.0, 0.75, 0.5)
 SCALES = (0.05, 0.08, 0.1, 0.12, 0.15)
 
@@ -152,10 +151,8 @@ def main() -> None:
     print("\n".join(lines))
     if args.record:
         machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), CPU"
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### bench_prune.py, {date.today()}, {machine}, {args.method}, train {args.train_steps} / "
-                    f"prune {args.prune_steps} / ToCom {args.tocom_steps} steps\n\n")
-            f.write("".join(f"- {line}\n" for line in lines))
+        record(f"{machine}, {args.method}, train {args.train_steps} / prune {args.prune_steps} / ToCom "
+               f"{args.tocom_steps} steps", lines)
 
 
 if __name__ == "__main__":

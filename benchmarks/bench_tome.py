@@ -20,19 +20,15 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import time
-from datetime import date
-from pathlib import Path
 
 import timm
 import torch
+from recording import record
 from torch import nn
 
 from models.tocom import TokenCompensator, merge_into_weights, plug
 from models.tome import apply_tome, set_tome_r
-
-ROOT = Path(__file__).resolve().parents[1]
 
 R_VALUES = (0, 4, 8, 13, 16)
 TOCOM_R = 13
@@ -112,11 +108,8 @@ def main() -> None:
     print(f"{args.warmup} warm-up + {args.rounds} timed forwards x {len(configs)} configurations, {elapsed:.0f} s")
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
-        command = "python benchmarks/bench_tome.py " + " ".join(sys.argv[1:])
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n### bench_tome.py, {date.today()}, {machine}, load average {load:.1f} at start\n\n")
-            f.write(f"`{command}`: batch {args.batch}, {args.rounds} interleaved rounds, {elapsed:.0f} s\n\n")
-            f.write("".join(f"- {line}\n" for line in lines))
+        record(f"{machine}, load average {load:.1f} at start", lines,
+               note=f"batch {args.batch}, {args.rounds} interleaved rounds, {elapsed:.0f} s")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def seeded_encoder(store, spec, seed: int = 7):
+    """A "pretrained" encoder: the backbone's seeded random init, committed as a pretrain stage's output."""
+    import torch
+
+    from cluster.manifest import StageWriter
+
+    torch.manual_seed(seed)
+    writer = StageWriter(store, "pretrain", "seeded")
+    writer.put_weights("encoder.safetensors", spec.build(num_classes=0).state_dict())
+    return writer.commit()
+
+
 def run_stage(store, tmp: Path, kind: str, key: str, cfg, inputs, tracker=None, seed: int = 0):
     """Run a stage the way the runner does (pipelines.execute.run_stage), with an MLflow child run when `tracker`
     is given. Returns the manifest."""

@@ -210,3 +210,10 @@ def test_fact_slices_and_consolidator_groups_have_their_structure() -> None:
     delta = model.blocks[0].mlp.fc2.branch.delta_weight()  # (64, 256)
     assert delta.count_nonzero() <= 64 * 256 // 8 + 64 * 256 // 32
     assert delta.count_nonzero() > 64 * 256 // 8
+
+
+def test_every_method_has_its_torch_free_settings_and_no_other() -> None:
+    from models.settings import PEFT_SETTINGS
+
+    assert list(PEFT_METHODS) == list(PEFT_SETTINGS)
+    assert {name for name, s in PEFT_SETTINGS.items() if not s.token_merging} == {"convpass", "vpt"}

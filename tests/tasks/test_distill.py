@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.batches import DataContext, TensorBatches
-from cluster.manifest import Manifest, StageWriter, read_bytes
+from cluster.manifest import Manifest, read_bytes
 from cluster.store import LocalStore
 from models.settings import ViTSpec
 from models.tocom import load_tocom
@@ -28,7 +28,7 @@ from tasks.distill.stage import (
 from tasks.evaluate.spec import EvaluateNode
 from tasks.finetune.spec import FinetuneNode
 from tasks.prepare.spec import DataNode
-from tests.conftest import run_stage
+from tests.conftest import run_stage, seeded_encoder
 
 MAX_R = 4  # 64 tokens: 64 -> 60 -> ... -> 48 at r = 4
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
@@ -40,11 +40,8 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A store with the photos corpus, the digits task and a "pretrained" encoder (a seeded init)."""
     tmp = tmp_path_factory.mktemp("tocom")
     store = LocalStore(str(tmp / "store"))
-    torch.manual_seed(7)
-    writer = StageWriter(store, "pretrain", "seeded")
-    writer.put_weights("encoder.safetensors", BACKBONE.build(num_classes=0).state_dict())
     return {
-        "tmp": tmp, "store": store, "backbone": writer.commit(),
+        "tmp": tmp, "store": store, "backbone": seeded_encoder(store, BACKBONE),
         "corpus": run_stage(store, tmp, "data", "photos", DataNode(source="photos"), {}),
         "digits": run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {}),
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.manifest import StageWriter, read_weights
+from cluster.manifest import read_weights
 from cluster.store import LocalStore
 from models.peft import PEFT_METHODS
 from models.settings import ViTSpec
@@ -14,7 +14,7 @@ from tasks.classification import accuracy
 from tasks.finetune.spec import FinetuneNode
 from tasks.finetune.stage import build_model, load_task_model
 from tasks.prepare.spec import DataNode
-from tests.conftest import run_stage
+from tests.conftest import run_stage, seeded_encoder
 
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
 
@@ -23,11 +23,8 @@ ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
 def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("finetune")
     store = LocalStore(str(tmp / "store"))
-    torch.manual_seed(7)
-    encoder = StageWriter(store, "pretrain", "seeded")
-    encoder.put_weights("encoder.safetensors", ViTSpec().build(num_classes=0).state_dict())
     digits = run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {})
-    return {"tmp": tmp, "store": store, "backbone": encoder.commit(), "digits": digits}
+    return {"tmp": tmp, "store": store, "backbone": seeded_encoder(store, ViTSpec()), "digits": digits}
 
 
 def node(method: dict, **train) -> FinetuneNode:

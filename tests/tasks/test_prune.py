@@ -23,7 +23,7 @@ from tasks.finetune.spec import FinetuneNode
 from tasks.prepare.spec import DataNode
 from tasks.prune import stage as prune
 from tasks.prune.spec import PruneNode
-from tests.conftest import run_stage
+from tests.conftest import run_stage, seeded_encoder
 
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
@@ -36,9 +36,7 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Digits, a "pretrained" encoder (a seeded init) and a ToCom "distilled" on it (seeded, non-zero B)."""
     tmp = tmp_path_factory.mktemp("prune")
     store = LocalStore(str(tmp / "store"))
-    torch.manual_seed(7)
-    encoder = StageWriter(store, "pretrain", "seeded")
-    encoder.put_weights("encoder.safetensors", BACKBONE.build(num_classes=0).state_dict())
+    encoder = seeded_encoder(store, BACKBONE)
     tocom = TokenCompensator(depth=4, width=64, rho=2, max_r=4)
     for block in tocom.blocks:
         torch.nn.init.normal_(block.b_q.weight, std=0.05)
@@ -46,8 +44,9 @@ def world(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
     distilled = StageWriter(store, "distill", "tocom")
     distilled.put_bytes("tocom.safetensors", save_tocom(tocom))
     digits = run_stage(store, tmp, "data", "digits", DataNode(source="digits"), {})
-    return {"tmp": tmp, "store": store, "backbone": encoder.commit(), "digits": digits,
-            "tocom": distilled.commit(outputs={"max_r": 4, "backbone_key": "seeded"}),
+    outputs = {"max_r": 4, "rho": 2, "scale": 0.1, "pairs": 20, "backbone": "pretrained", "backbone_key": "seeded"}
+    return {"tmp": tmp, "store": store, "backbone": encoder, "digits": digits,
+            "tocom": distilled.commit(outputs=outputs),
             "tracker": Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "test-prune")}
 
 
