@@ -12,7 +12,7 @@ import torch.nn.functional as F
 def hog_targets(images: torch.Tensor, cell: int, nbins: int = 9) -> torch.Tensor:
     """HOG of normalised images: (B, 3, H, W) -> (B, 3 * nbins, H / cell, W / cell), no gradient.
 
-    Per colour channel: Sobel gx, gy (3x3, reflect pad) -> magnitude and unsigned angle in [0, pi),
+    Per colour channel: Sobel gx, gy (3x3, reflect pad) -> magnitude and unsigned angle atan2(gx, gy) in [0, pi),
     hard-assigned to `nbins` orientation bins with the magnitude summed into its bin, average-pooled
     over cell x cell pixels, then L2-normalised over the bins of each cell and channel (a cell with
     no gradient stays all zero). Output channel c * nbins + b holds colour c, orientation bin b.
@@ -28,7 +28,9 @@ def hog_targets(images: torch.Tensor, cell: int, nbins: int = 9) -> torch.Tensor
     gx = smooth_y[..., 2:] - smooth_y[..., :-2]
     gy = smooth_x[:, :, 2:] - smooth_x[:, :, :-2]
     magnitude = torch.sqrt(gx**2 + gy**2)
-    angle = torch.atan2(gy, gx) % math.pi
+    # LocalMIM's HOGLayerC (after MaskFeat / SlowFast) takes phase = atan2(gx, gy): the angle from the y axis,
+    # not from x. Matched here, so the bins are the reference's (with atan2(gy, gx) 90% of pixels differ).
+    angle = torch.atan2(gx, gy) % math.pi
     bins = (angle / (math.pi / nbins)).long().clamp_(max=nbins - 1)
     hist = torch.zeros(b, c, nbins, h, w, device=images.device)
     hist.scatter_(2, bins[:, :, None], magnitude[:, :, None])

@@ -27,7 +27,7 @@ from tasks.prepare.spec import DataOutputs
 
 
 def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: int, r_src: int, r_tgt: int,
-                    scales: tuple[float, ...]) -> DegreeRow:
+                    tocom_scales: tuple[float, ...]) -> DegreeRow:
     """One row: test accuracy at r_tgt without ToCom, and with Delta(r_src -> r_tgt) at the s best on val.
 
     Degrees above the ToCom's R use Delta up to R: it has no sub-plugins beyond (and when R was clamped to
@@ -39,10 +39,10 @@ def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: 
     state.enabled = True
     state.source_r, state.target_r = min(r_src, state.tocom.max_r), min(r_tgt, state.tocom.max_r)
     val = {}
-    for scale in scales:
+    for scale in tocom_scales:
         state.scale = scale
         val[scale] = accuracy(model, uri, "val", size)
-    state.scale = max(scales, key=val.__getitem__)
+    state.scale = max(tocom_scales, key=val.__getitem__)
     return DegreeRow(r_tgt=r_tgt, acc_without=without, acc_with=accuracy(model, uri, "test", size),
                      scale=state.scale, val_without=val_without, val_with=val[state.scale],
                      tocom_delta=(state.source_r, state.target_r))

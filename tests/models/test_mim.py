@@ -54,7 +54,8 @@ def reference_hog(image: np.ndarray, cell: int, nbins: int = 9) -> np.ndarray:
     hist = np.zeros((channels, nbins, h // cell, w // cell))
     for c in range(channels):
         gx, gy = ndimage.sobel(image[c], axis=1, mode="mirror"), ndimage.sobel(image[c], axis=0, mode="mirror")
-        bins = np.minimum((np.arctan2(gy, gx) % np.pi) // (np.pi / nbins), nbins - 1).astype(int)
+        # LocalMIM's HOGLayerC: phase = atan2(gx, gy)
+        bins = np.minimum((np.arctan2(gx, gy) % np.pi) // (np.pi / nbins), nbins - 1).astype(int)
         for i in range(h):
             for j in range(w):
                 hist[c, bins[i, j], i // cell, j // cell] += np.hypot(gx[i, j], gy[i, j]) / cell**2
@@ -86,7 +87,8 @@ def test_hog_matches_a_pixel_loop_reference(cell: int) -> None:
 
 @pytest.mark.parametrize(
     "ramp, expected_bin",
-    [("x", 0), ("y", 4), ("x+y", 2), ("x-y", 6)],  # unsigned angle 0, pi/2, pi/4, 3pi/4 over 9 bins of 20 deg
+    # atan2(gx, gy) (LocalMIM's convention), unsigned: pi/2, 0, pi/4, 3pi/4 over 9 bins of 20 deg
+    [("x", 4), ("y", 0), ("x+y", 2), ("x-y", 6)],
 )
 def test_hog_orientation_bins(ramp: str, expected_bin: int) -> None:
     y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
