@@ -36,8 +36,7 @@ from models.tome import apply_tome
 from models.vit import build_vit
 from tasks.classification import accuracy, cached_split, classification_loss, flip
 from tasks.distill.stage import SelfDistillation, distill_loss, sample_pair
-from tasks.prepare.spec import DataNode
-from tasks.prepare.stage import run as prepare_data
+from tasks.prepare.spec import DataNode, DataOutputs
 from tasks.prune.stage import cpu_speed, reprobe
 
 KEEP_RATIOS = (1.0, 0.75, 0.5)
@@ -72,14 +71,12 @@ def labelled(x: torch.Tensor, y: torch.Tensor) -> Callable:
 
 def digits_uri(work: Path) -> str:
     """The digits dataset written by the data stage into a throw-away store."""
-    from cluster.context import StageContext
-    from cluster.manifest import StageWriter
     from cluster.store import LocalStore
+    from pipelines.execute import run_stage
 
-    store = LocalStore(str(work / "store"))
-    writer = StageWriter(store, "data", "digits")
-    ctx = StageContext("data", "data", "digits", 0, store, writer, None, None, str(work / "ray"))
-    return prepare_data(ctx, DataNode(source="digits"), {}).outputs.uri
+    manifest = run_stage("data", "digits", DataNode(source="digits"), {}, LocalStore(str(work / "store")),
+                         train_storage=str(work / "ray"))
+    return DataOutputs.of(manifest).uri
 
 
 def distill_tocom(model: nn.Module, images: torch.Tensor, max_r: int, steps: int) -> TokenCompensator:

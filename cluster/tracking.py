@@ -219,8 +219,6 @@ class Tracker:
         return {r.info.run_id: r.data.tags[tag] for r in runs if tag in r.data.tags}
 
 
-
-
 def save_pyfunc(exported: str, target: str, example: Any) -> None:
     """The pyfunc model of an exported task model folder (models.deploy), written to `target`: the folder as its
     artifact, the `models` package as code, cluster/serving.py as the model's code (no pickle), a signature

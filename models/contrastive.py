@@ -147,8 +147,6 @@ def pooled_features(vit: VisionTransformer, images: torch.Tensor, blocks: list[i
     return features
 
 
-
-
 def lbe_blocks(depths: tuple[float, ...], depth: int) -> list[int]:
     """Fractions of the encoder depth -> distinct increasing 0-based block indices (1.0 -> the last block)."""
     blocks = [max(round(f * depth), 1) - 1 for f in depths]

@@ -14,8 +14,6 @@ from models.settings import PretrainObjectiveConfig
 PRETRAIN_OBJECTIVES: dict[str, type[nn.Module]] = {"localmim": LocalMIM, "infocl": InfoCL}
 
 
-
-
 class PretrainObjective(nn.Module):
     """sum_k w_k * objective_k on a shared encoder: LocalMIM masks view1 itself, InfoCL sees both unmasked views.
 

@@ -57,8 +57,6 @@ def add_parallel_adapters(model: VisionTransformer, make_adapter: Callable[[int]
         block.adapter = make_adapter(model.embed_dim)
 
 
-
-
 def adaptformer_adapter(width: int, cfg: AdaptFormerSettings) -> Adapter:
     """Down kaiming-uniform (as nn.Linear / LoRA's A), Up and both biases zero."""
     down, up = nn.Linear(width, cfg.dim, bias=cfg.bias), nn.Linear(cfg.dim, width, bias=cfg.bias)

@@ -23,8 +23,6 @@ class PeftError(ValueError):
     """A PEFT method cannot be applied, loaded or merged as asked."""
 
 
-
-
 class PeftMethod:
     """One PEFT method behind the uniform surface; subclasses override `inject` (and `fold`).
 

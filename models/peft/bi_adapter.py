@@ -137,8 +137,6 @@ class QuantizedLinear(nn.Linear):
         self.weight.copy_((self.pinned_mean + self.pinned_std * levels[index]).view_as(self.weight))
 
 
-
-
 def bi_adapter(width: int, cfg: BiAdapterSettings) -> Adapter:
     """Down: nn.Linear's default init; Up: tiny truncated normal (an all-zero matrix has no std)."""
     down, up = QuantizedLinear(width, cfg.dim, cfg.bits), QuantizedLinear(cfg.dim, width, cfg.bits)

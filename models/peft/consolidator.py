@@ -68,8 +68,6 @@ class ConsolidatorBranch(nn.Module):
         return sum(grouped.delta_weight() for grouped in self.maps)
 
 
-
-
 class Consolidator(PeftMethod):
     """Grouped multi-branch adapters on every encoder Linear; mergeable."""
 

@@ -64,8 +64,6 @@ class ConvpassBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(h))) + self.drop_path2(self.bypass_mlp(h))
 
 
-
-
 class Convpass(PeftMethod):
     """Two convolutional bypasses per block; not mergeable."""
 

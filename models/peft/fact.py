@@ -93,10 +93,6 @@ def _slice_counts(model: VisionTransformer) -> list[tuple[str, int, str]]:
     return [("attn.qkv", 3, "out"), ("attn.proj", 1, "out"), ("mlp.fc1", k, "out"), ("mlp.fc2", k, "in")]
 
 
-
-
-
-
 class FacTTT(PeftMethod):
     """FacT with tensor-train factors; merge folds every slice into its Linear and drops model.fact."""
 

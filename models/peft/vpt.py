@@ -38,8 +38,6 @@ class PromptedBlock(Block):
         return torch.cat([x[:, :k], x[:, k + p :]], dim=1)
 
 
-
-
 class Vpt(PeftMethod):
     """Deep visual prompts; not mergeable."""
 

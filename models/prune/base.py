@@ -13,8 +13,6 @@ class PruneError(ValueError):
     """A model cannot be pruned as asked (bad keep ratio, unsupported layer, not prepared)."""
 
 
-
-
 class Schedule(nn.Module):
     """Where a pruner's training is, in forwards: over the first half the structure is chosen (ResRep's forget
     set grows), over the second the part the conversion drops fades linearly to exactly zero (`fade`: 1 -> 0),
