@@ -189,7 +189,8 @@ LISTENERS = """
 import sys, psutil, ray
 from cluster.ray_connect import connect_ray
 from pipelines.spec import load_config
-connect_ray(load_config(sys.argv[1]))
+cfg = load_config(sys.argv[1]).ray
+connect_ray(cfg.address, cfg.num_cpus, cfg.num_gpus)
 ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])  # workers started too
 pids = {psutil.Process().pid} | {c.pid for c in psutil.Process().children(recursive=True)}
 listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")

@@ -170,7 +170,7 @@ def test_pipeline_config_wires_prune_nodes_and_rejects_keep_ratio_zero() -> None
     assert nodes[pruned[0]].cfg.model == nodes[f"finetune/{task}/{method}"].cfg
     with pytest.raises(ConfigError, match=r"stages\.prune\.keep_ratio: Input should be greater than 0"):
         load_config(DEMO, ("stages.prune.keep_ratio=0",))
-    with pytest.raises(ConfigError, match=r"stages\.prune\.pruner: unknown pruner 'obd'"):
+    with pytest.raises(ConfigError, match=r"stages\.prune\.pruner: Input should be 'resrep' or 'csgd'"):
         load_config(DEMO, ("stages.prune.pruner=obd",))
 
 
