@@ -172,10 +172,16 @@ class AdaptFormerSettings(PeftConfig):
 
 
 class BiAdapterSettings(PeftConfig):
-    """Width d, bits per weight (1, 2, 4 or 8), branch scale s, dropout after the ReLU."""
+    """Width d, bits per weight (1, 2, 4 or 8), the quantizer's levels, branch scale s, dropout after the ReLU.
+
+    levels "lloyd_max" (METHODS.md): the MSE-optimal levels, the conditional means (+-0.798 sigma at 1 bit);
+    "official": the authors' quantizer (PETL-ViT binary_adapter/utils.py), whose levels are the medians of their
+    cells (+-0.674 sigma at 1 bit), so that their checkpoints load as trained. docs/methods.md.
+    """
 
     dim: int = 32
     bits: Bits = 1
+    levels: Literal["lloyd_max", "official"] = "lloyd_max"
     scale: float = 0.1
     dropout: float = 0.1
 

@@ -3,8 +3,9 @@ perspective of precision redundancy"): AdaptFormer branches whose weights are qu
 
 Branch: d = 32, Down / Up without biases, input = x after the attention residual, ReLU, dropout 0.1,
 times s, beside the MLP (adaptformer.ParallelAdapterBlock). Every adapter matrix W is fake-quantized
-in the forward: standardise by its own mean / std, snap each entry to the nearest level of the
-Lloyd-Max quantizer of N(0, 1) with 2^bits levels, de-standardise; gradients reach the latent float
+in the forward: standardise by its own mean / std, snap each entry to the nearest of 2^bits levels of a
+quantizer of N(0, 1) (Lloyd-Max's by default, or the authors' median levels), de-standardise; gradients reach
+the latent float
 W straight through. The delta stores the level indices bit-packed (8 per byte at 1 bit) plus mean and
 std per matrix (float32), and the head in float. ViT-B/16 at d = 32, 1 bit: 589,824 weights ->
 73,728 bytes of codes + 24 x 8 bytes of statistics.
@@ -73,6 +74,23 @@ def lloyd_max_normal(bits: int, tol: float = 1e-9, max_iter: int = 50) -> tuple[
     return levels, (levels[1:] + levels[:-1]) / 2
 
 
+@functools.cache
+def median_levels_normal(bits: int, iterations: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels (2^bits,) and boundaries of the authors' quantizer (PETL-ViT binary_adapter, QLinear.quantize):
+    from all zeros, `iterations` times: boundaries = level midpoints, each level = the median of N(0, 1) in its
+    cell (the inverse cdf of the cell's probability midpoint). 1 bit: +-ndtri(0.75) = +-0.6745. float64."""
+    n = 2**bits
+    levels = torch.zeros(n, dtype=torch.float64)
+    for _ in range(iterations):
+        bounds = (levels[1:] + levels[:-1]) / 2
+        cdf = torch.cat([levels.new_zeros(1), torch.special.ndtr(bounds), levels.new_ones(1)])
+        levels = torch.special.ndtri((cdf[1:] + cdf[:-1]) / 2)
+    return levels, (levels[1:] + levels[:-1]) / 2
+
+
+QUANTIZERS = {"official": median_levels_normal, "lloyd_max": lloyd_max_normal}
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Level indices (any shape, values < 2^bits) -> uint8 (ceil(n * bits / 8),), low bits first."""
     per_byte = 8 // bits
@@ -89,16 +107,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Linear):
-    """Bias-free Linear with Lloyd-Max fake-quantized weights: y = x Q(W)^T, x: (..., in) -> (..., out).
+    """Bias-free Linear with fake-quantized weights: y = x Q(W)^T, x: (..., in) -> (..., out).
 
     Q(W) = mean + std * level[code] takes exactly 2^bits values. mean / std are W's own, unless pinned
     by `load` (a loaded delta must reproduce the stored values exactly, and a matrix made of those
     values has other statistics); further training then keeps the stored statistics.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bits: int, levels: str = "lloyd_max") -> None:
         super().__init__(in_features, out_features, bias=False)
-        self.bits = bits
+        self.bits, self.quantizer = bits, QUANTIZERS[levels]
         self.register_buffer("pinned_mean", None, persistent=False)
         self.register_buffer("pinned_std", None, persistent=False)
 
@@ -110,7 +128,7 @@ class QuantizedLinear(nn.Linear):
             mean, std = self.pinned_mean, self.pinned_std
         else:
             mean, std = w.mean(), w.std().clamp_min(torch.finfo(w.dtype).tiny)
-        levels, bounds = (t.to(device=w.device, dtype=w.dtype) for t in lloyd_max_normal(self.bits))
+        levels, bounds = (t.to(device=w.device, dtype=w.dtype) for t in self.quantizer(self.bits))
         codes = torch.bucketize((w - mean) / std, bounds)
         return mean + std * levels[codes], codes, mean, std
 
@@ -132,14 +150,15 @@ class QuantizedLinear(nn.Linear):
             raise PeftError(f"bi_adapter: {codes.numel()} code bytes ({codes.dtype}), expected {expected} uint8")
         self.pinned_mean = mean.to(self.weight).reshape(())
         self.pinned_std = std.to(self.weight).reshape(())
-        levels = lloyd_max_normal(self.bits)[0].to(self.weight)
+        levels = self.quantizer(self.bits)[0].to(self.weight)
         index = unpack_codes(codes.to(self.weight.device), self.bits, self.weight.numel())
         self.weight.copy_((self.pinned_mean + self.pinned_std * levels[index]).view_as(self.weight))
 
 
 def bi_adapter(width: int, cfg: BiAdapterSettings) -> Adapter:
     """Down: nn.Linear's default init; Up: tiny truncated normal (an all-zero matrix has no std)."""
-    down, up = QuantizedLinear(width, cfg.dim, cfg.bits), QuantizedLinear(cfg.dim, width, cfg.bits)
+    down = QuantizedLinear(width, cfg.dim, cfg.bits, cfg.levels)
+    up = QuantizedLinear(cfg.dim, width, cfg.bits, cfg.levels)
     nn.init.trunc_normal_(up.weight, std=1e-3, a=-2e-3, b=2e-3)
     return Adapter(down, up, cfg.scale, cfg.dropout)
 
