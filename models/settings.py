@@ -151,6 +151,8 @@ class PeftConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     token_merging: ClassVar[bool] = True  # ToMe can patch the adapted blocks (models.tome)
+    # the values of the method's scale s that its paper searches per task (`scale_grid: paper`); empty: none
+    paper_scale_grid: ClassVar[tuple[float, ...]] = ()
 
 
 class LoraSettings(PeftConfig):
@@ -179,6 +181,7 @@ class BiAdapterSettings(PeftConfig):
     cells (+-0.674 sigma at 1 bit), so that their checkpoints load as trained. docs/methods.md.
     """
 
+    paper_scale_grid: ClassVar[tuple[float, ...]] = (0.01, 0.1, 1.0, 10.0)
     dim: int = 32
     bits: Bits = 1
     levels: Literal["lloyd_max", "official"] = "lloyd_max"
@@ -189,6 +192,7 @@ class BiAdapterSettings(PeftConfig):
 class FacTSettings(PeftConfig):
     """rank r, path scale s (per task in the paper: 0.1-10), dropout on the core path."""
 
+    paper_scale_grid: ClassVar[tuple[float, ...]] = (0.01, 0.1, 1.0, 10.0, 100.0)
     rank: int = 8
     scale: float = 1.0
     dropout: float = 0.1
@@ -205,6 +209,7 @@ class ConvpassSettings(PeftConfig):
     """Bypass width (8), scale s (per task in the paper), dropout before Up."""
 
     token_merging: ClassVar[bool] = False  # the bypass convolves tokens on their 2-D grid, which merging dissolves
+    paper_scale_grid: ClassVar[tuple[float, ...]] = (0.01, 0.1, 1.0, 10.0, 100.0)
     dim: int = 8
     scale: float = 1.0
     dropout: float = 0.1

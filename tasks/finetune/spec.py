@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +21,9 @@ class PeftMethodSpec(BaseModel):
 
     name: str
     lr: float | None = Field(None, gt=0, description="overrides the stage's train.lr for this method")
+    scale_grid: tuple[Annotated[float, Field(gt=0)], ...] | Literal["paper"] | None = Field(
+        None, description="choose the method's scale s per task: one training per value, the best on val is kept; "
+        "'paper': the grid its paper searches (models/settings.py: paper_scale_grid)")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -36,10 +39,28 @@ class PeftMethodSpec(BaseModel):
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ValueError(f"{self.name}: {where}: {first['msg']}") from None
+        settings = PEFT_SETTINGS[self.name]
+        if self.scale_grid is not None and "scale" not in settings.model_fields:
+            raise ValueError(f"{self.name}: scale_grid: the method has no scale s")
+        if self.scale_grid == "paper" and not settings.paper_scale_grid:
+            raise ValueError(f"{self.name}: scale_grid: its paper publishes no grid; give the values")
+        if self.scale_grid is not None and "scale" in self.params:
+            raise ValueError(f"{self.name}: give scale or scale_grid, not both")
         return self
 
     def config(self) -> PeftConfig:
         return PEFT_SETTINGS[self.name](**self.params)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The values of s to choose from (empty: no choice, the settings' own s)."""
+        if self.scale_grid == "paper":
+            return PEFT_SETTINGS[self.name].paper_scale_grid
+        return self.scale_grid or ()
+
+    def with_settings(self, settings: dict[str, Any]) -> PeftMethodSpec:
+        """This entry with the method's settings replaced (no scale to choose any more)."""
+        return PeftMethodSpec(name=self.name, lr=self.lr, **settings)
 
 
 class FinetuneConfig(Frozen):
@@ -96,11 +117,17 @@ class FinetuneNode(FinetuneConfig):
 
 
 class FinetuneOutputs(Outputs):
-    """Which task model this is (its delta: delta.safetensors)."""
+    """Which task model this is (its delta: delta.safetensors) and the method settings it was trained with."""
 
     task: str
     method: str = Field(description="the PEFT method")
     num_classes: int
+    settings: dict[str, Any] = Field(description="the method's settings in effect (the chosen s, with scale_grid)")
+
+
+def trained_node(node: FinetuneNode, outputs: FinetuneOutputs) -> FinetuneNode:
+    """The finetune node as its task model was trained: the method's settings in effect (the chosen scale)."""
+    return node.model_copy(update={"methods": (node.method.with_settings(outputs.settings),)})
 
 
 def declare(pipeline: Pipeline, plan: Plan) -> None:

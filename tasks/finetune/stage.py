@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from cluster.batches import TensorBatches
-from cluster.context import StageContext, StageResult
+from cluster.context import Fitted, StageContext, StageResult
 from cluster.manifest import Manifest, read_weights, weights_bytes
 from cluster.store import ArtifactStore
 from cluster.train import Recipe
@@ -22,7 +24,7 @@ from models.peft import PEFT_METHODS
 from models.tome import apply_tome
 from tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
 from tasks.classification import accuracy, cached_split, classification_loss, flip, probed_head
-from tasks.finetune.spec import FinetuneNode, FinetuneOutputs
+from tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
 from tasks.prepare.spec import DataOutputs
 
 
@@ -67,7 +69,9 @@ def starting_head(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights
 
 def load_task_model(store: ArtifactStore, cfg: FinetuneNode, inputs: dict[str, Manifest], seed: int) -> nn.Module:
     """The fine-tuned task model of a finetune node (`inputs`: its "model" manifest, its "data" manifest
-    and the pipeline's "backbone" manifest when there is one), in eval mode."""
+    and the pipeline's "backbone" manifest when there is one), in eval mode, with the settings it was trained
+    with (the chosen scale, when the node chose one)."""
+    cfg = trained_node(cfg, FinetuneOutputs.of(inputs["model"]))
     backbone = starting_weights(store, inputs, cfg.backbone)
     model = build_model(cfg, len(DataOutputs.of(inputs["data"]).classes), backbone, seed)
     PEFT_METHODS[cfg.method.name].load_delta(model, read_weights(store, inputs["model"], "delta.safetensors"))
@@ -78,6 +82,26 @@ def _val_accuracy(uri: str, size: int, model: nn.Module) -> dict[str, float]:
     return {"val_accuracy": accuracy(model, uri, "val", size)}
 
 
+def with_scale(cfg: FinetuneNode, scale: float) -> FinetuneNode:
+    settings = {**cfg.method.config().model_dump(mode="json"), "scale": scale}
+    return cfg.model_copy(update={"methods": (cfg.method.with_settings(settings),)})
+
+
+def choose_scale(cfg: FinetuneNode, fit: Callable[[FinetuneNode, str], Fitted]
+                 ) -> tuple[FinetuneNode, Fitted, dict[str, float]]:
+    """Train once per value of the method's scale grid and keep the model best on val (the first on a tie), as
+    the FacT, Convpass and 1-bit adapter papers choose s per task; returns (its node, it, val accuracy per s)."""
+    best: tuple[FinetuneNode, Fitted] | None = None
+    tried = {}
+    for i, scale in enumerate(cfg.method.scales):
+        node = with_scale(cfg, scale)
+        fitted = fit(node, f"scale{i}")
+        tried[f"val_accuracy.scale_{scale:g}"] = fitted.metrics["val_accuracy"]
+        if best is None or fitted.metrics["val_accuracy"] > best[1].metrics["val_accuracy"]:
+            best = node, fitted
+    return *best, tried
+
+
 def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> StageResult:
     data = DataOutputs.of(inputs["data"])
     uri, num_classes, size = data.uri, len(data.classes), cfg.backbone.img_size
@@ -85,15 +109,23 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
     ctx.set_tags({"vitpipe.backbone": backbone_tag(backbone)})
     train_split = functools.partial(cached_split, uri, "train", size)
     head = starting_head(cfg, num_classes, backbone, backbone_identity(inputs, cfg.backbone), ctx.seed, uri)
-    build = functools.partial(build_model, cfg, num_classes, backbone, ctx.seed, head)
-    recipe = Recipe(
-        build_model=build,
-        data=TensorBatches(train_split, flip if cfg.augment else None),
-        loss=classification_loss,
-        evaluate=functools.partial(_val_accuracy, uri, size),
-        select_metric="val_accuracy",
-    )
-    fitted = ctx.fit(recipe, cfg.effective_train, cfg.resources)
+
+    def fit(node: FinetuneNode, phase: str | None = None) -> Fitted:
+        recipe = Recipe(
+            build_model=functools.partial(build_model, node, num_classes, backbone, ctx.seed, head),
+            data=TensorBatches(train_split, flip if node.augment else None),
+            loss=classification_loss,
+            evaluate=functools.partial(_val_accuracy, uri, size),
+            select_metric="val_accuracy",
+        )
+        return ctx.fit(recipe, node.effective_train, node.resources, phase=phase)
+
+    started, chosen = time.perf_counter(), {}
+    if cfg.method.scales:
+        cfg, fitted, tried = choose_scale(cfg, fit)
+        chosen = {"scale": cfg.method.config().scale, **tried}
+    else:
+        fitted = fit(cfg)
     model = fitted.model
     model.head = fold_whitening(model.head)  # a plain Linear again: the delta fits a plain timm ViT
     method = PEFT_METHODS[cfg.method.name]
@@ -103,11 +135,12 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
         "val_accuracy": fitted.metrics["val_accuracy"],  # the best checkpoint's: measured on these weights
         "trainable_params": float(sum(p.numel() for p in method.trainable_parameters(model).values())),
         "delta_bytes": float(method.delta_nbytes(delta)),
-        "train_seconds": fitted.seconds,
-        **fitted.final, **fitted.best,
+        "train_seconds": time.perf_counter() - started,
+        **fitted.final, **fitted.best, **chosen,
     }
     ctx.put_logged("delta.safetensors", weights_bytes(delta, metadata={"method": cfg.method.name}))
     for name, data in method.adapter_files(delta, cfg.method.config()).items():
         ctx.log_artifact(f"peft_adapter/{name}", data)
-    return StageResult(metrics=metrics, outputs=FinetuneOutputs(task=cfg.task, method=cfg.method.name,
-                                                                num_classes=num_classes))
+    outputs = FinetuneOutputs(task=cfg.task, method=cfg.method.name, num_classes=num_classes,
+                              settings=cfg.method.config().model_dump(mode="json"))
+    return StageResult(metrics=metrics, outputs=outputs)

@@ -38,7 +38,7 @@ from models.tocom import load_tocom
 from models.tome import apply_tome, tome_r
 from tasks.classification import accuracy, cached_split, classification_loss, flip, logits, probed_head
 from tasks.evaluate.stage import check_backbones
-from tasks.finetune.spec import FinetuneNode
+from tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
 from tasks.finetune.stage import load_task_model
 from tasks.prepare.spec import DataOutputs
 from tasks.prune.spec import UNFIT, PruneNode, PruneOutputs
@@ -225,6 +225,8 @@ def export_and_register(ctx: StageContext, cfg: PruneNode, model: nn.Module, met
 
 def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> StageResult:
     """inputs: "model" (finetune), "data", optional "backbone" (pretrained encoder) and "tocom" (distill)."""
+    # the task model as it was trained (with the scale its finetune node chose): what is merged and exported
+    cfg = cfg.model_copy(update={"model": trained_node(cfg.model, FinetuneOutputs.of(inputs["model"]))})
     ft, data = cfg.model, DataOutputs.of(inputs["data"])
     uri, size, r_src = data.uri, ft.backbone.img_size, ft.r_src
     baseline = merged_baseline(ctx, ft, inputs)

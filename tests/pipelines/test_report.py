@@ -22,8 +22,8 @@ def outcomes() -> list[NodeOutcome]:
     for (task, method), acc in ACC.items():
         node = Node(f"finetune/{task}/{method}", "finetune", {})
         manifest = Manifest(kind="finetune", key="k" * 64, files={}, metrics={"test_accuracy": acc},
-                            outputs={"task": task, "method": method, "num_classes": 2}, mlflow_run_id=None,
-                            timings={}, created_at="2026-11-25T00:00:00Z")
+                            outputs={"task": task, "method": method, "num_classes": 2, "settings": {}},
+                            mlflow_run_id=None, timings={}, created_at="2026-11-25T00:00:00Z")
         out.append(NodeOutcome(node, "k" * 64, "ran", 1.0, manifest))
     return out
 

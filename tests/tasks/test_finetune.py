@@ -72,3 +72,35 @@ def test_a_run_that_only_hurts_validation_returns_its_starting_point(world: dict
     inputs = {"data": world["digits"], "backbone": world["backbone"]}
     manifest = run_stage(world["store"], world["tmp"], "finetune", "digits-probe-start", cfg, inputs)
     assert manifest.metrics["best_step"] == 0 and manifest.metrics["test_accuracy"] > 0.5, manifest.metrics
+
+
+def test_a_scale_grid_keeps_the_scale_best_on_val_and_the_model_loads_with_it(world: dict) -> None:
+    """FacT's s chosen per task as its paper does: one training per value, the best on val is the task model, and
+    every reader of the delta (load_task_model, hence evaluate and prune) rebuilds it with that s."""
+    cfg = node({"name": "fact_tt", "lr": 5e-3, "rank": 4, "scale_grid": [0.01, 10.0]}, steps=12, checkpoint_every=6)
+    inputs = {"data": world["digits"], "backbone": world["backbone"]}
+    manifest = run_stage(world["store"], world["tmp"], "finetune", "digits-fact-grid", cfg, inputs)
+    metrics, settings = manifest.metrics, manifest.outputs["settings"]
+    tried = {s: metrics[f"val_accuracy.scale_{s:g}"] for s in (0.01, 10.0)}
+    assert metrics["scale"] == settings["scale"] == max(tried, key=tried.get), (tried, settings)
+    assert metrics["val_accuracy"] == max(tried.values())
+    assert settings == {"rank": 4, "scale": metrics["scale"], "dropout": 0.1}
+    model = load_task_model(world["store"], cfg, {"model": manifest, **inputs}, seed=0)
+    paths = [m for m in model.modules() if type(m).__name__ == "FacTPath"]
+    assert paths and {p.scale for p in paths} == {metrics["scale"]}
+    assert accuracy(model, world["digits"].outputs["uri"], "test", 32) == metrics["test_accuracy"]
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    ({"name": "linear", "scale_grid": "paper"}, "linear: scale_grid: the method has no scale s"),
+    ({"name": "adaptformer", "scale_grid": "paper"}, "adaptformer: scale_grid: its paper publishes no grid"),
+    ({"name": "convpass", "scale": 1.0, "scale_grid": [1.0, 10.0]}, "convpass: give scale or scale_grid, not both"),
+])
+def test_a_scale_grid_the_method_cannot_use_is_refused_at_load(method: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        node(method)
+
+
+def test_the_paper_grid_is_the_methods_own() -> None:
+    assert node({"name": "bi_adapter", "scale_grid": "paper"}).method.scales == (0.01, 0.1, 1.0, 10.0)
+    assert node({"name": "fact_tt", "scale_grid": "paper"}).method.scales == (0.01, 0.1, 1.0, 10.0, 100.0)
