@@ -216,10 +216,16 @@ class ConvpassSettings(PeftConfig):
 
 
 class ConsolidatorSettings(PeftConfig):
-    """Group count of each branch, dropout on the branch input."""
+    """Group counts of the branches, and the branch's details. Defaults: the authors' VTAB-1k setup (one branch of
+    384 groups with a bias, uniform(+-1e-3) init, DropPath on its output, no channel shuffle); vitpipe's earlier
+    variant is groups (384, 768), shuffle, no bias, zero init, input dropout 0.1, no DropPath."""
 
-    groups: tuple[int, ...] = (384, 768)
-    dropout: float = 0.1
+    groups: tuple[int, ...] = (384,)
+    shuffle: bool = Field(False, description="ShuffleNet's channel shuffle before each grouped map")
+    bias: bool = Field(True, description="a trainable bias on the branch output (merged into the Linear's)")
+    init: Literal["uniform", "zeros"] = Field("uniform", description="branch weights: uniform(+-1e-3) or zero")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="DropPath on the branch output (per task in the paper)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the branch input")
 
 
 class VptSettings(PeftConfig):

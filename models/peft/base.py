@@ -154,8 +154,14 @@ def add_branch(linear: nn.Linear, branch: nn.Module) -> None:
 
 @torch.no_grad()
 def unbranch(linear: BranchedLinear) -> None:
-    """W += branch.delta_weight(); drop the branch; the module is a plain nn.Linear again."""
+    """W += branch.delta_weight() (and b += branch.delta_bias(), when it has one); drop the branch; the module is
+    a plain nn.Linear again."""
     linear.weight += linear.branch.delta_weight().to(linear.weight.dtype)
+    bias = getattr(linear.branch, "delta_bias", lambda: None)()
+    if bias is not None:
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros_like(bias, dtype=linear.weight.dtype), requires_grad=False)
+        linear.bias += bias.to(linear.bias.dtype)
     del linear.branch
     linear.__class__ = nn.Linear
 

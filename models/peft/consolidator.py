@@ -1,15 +1,14 @@
 """Consolidator (Hao et al., ICLR 2023): mergeable multi-branch grouped connections beside each Linear.
 
-Each encoder Linear (qkv, proj, fc1, fc2) gets a parallel branch: dropout on its input, then the sum
-of grouped (block-diagonal) linear maps with different group counts g, each preceded by a fixed
-channel reordering (ShuffleNet's channel shuffle with g groups, so a group draws its inputs from
-across the width). Branch weights start at zero (the model starts as the backbone). All maps are
-linear, so after training they consolidate into one (out, in) matrix per Linear, which `merge` adds
-into W: no extra inference cost. A group count is reduced to gcd(g, in, out) where it does not divide
-both widths. Defaults g = (384, 768): 84,934,656 / 384 + 84,934,656 / 768 = 331,776 parameters on
-ViT-B/16 (0.39% of it, near the paper's 0.35% budget; METHODS.md gives no exact count). The delta keeps
-the branch weights themselves (as many numbers as the consolidated sparse matrix when the branches'
-patterns do not overlap) so a loaded delta reproduces the training-time outputs exactly.
+Each encoder Linear (qkv, proj, fc1, fc2) gets a parallel branch: dropout on its input, the sum of grouped
+(block-diagonal) linear maps with group counts g (each optionally preceded by ShuffleNet's channel shuffle with g
+groups, so a group draws its inputs from across the width), a bias, and DropPath on the output. All maps are
+linear, so after training they consolidate into one (out, in) matrix and one bias per Linear, which `merge` adds
+into W and b: no extra inference cost. A group count is reduced to gcd(g, in, out) where it does not divide both
+widths. Defaults, the authors' VTAB-1k setup: one branch of g = 384, uniform(+-1e-3) init, a bias, DropPath 0.1,
+no shuffle: 84,934,656 / 384 = 221,184 weights + 82,944 biases = 304,128 parameters on ViT-B/16 (0.35%, the
+paper's budget). The delta keeps the branch weights themselves so a loaded delta reproduces the training-time
+outputs exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -32,12 +32,16 @@ def channel_shuffle(width: int, groups: int) -> torch.Tensor:
 
 
 class GroupedConnection(nn.Module):
-    """y = blockdiag(W_1 .. W_g) x[perm]: x (..., in) -> (..., out); weight (g, out / g, in / g)."""
+    """y = blockdiag(W_1 .. W_g) x[perm]: x (..., in) -> (..., out); weight (g, out / g, in / g); perm is the
+    channel shuffle, or the identity."""
 
-    def __init__(self, in_features: int, out_features: int, groups: int) -> None:
+    def __init__(self, in_features: int, out_features: int, groups: int, shuffle: bool, init: str) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(groups, out_features // groups, in_features // groups))
-        self.register_buffer("inverse_perm", torch.argsort(channel_shuffle(in_features, groups)), persistent=False)
+        if init == "uniform":
+            nn.init.uniform_(self.weight, -1e-3, 1e-3)
+        perm = channel_shuffle(in_features, groups) if shuffle else torch.arange(in_features)
+        self.register_buffer("inverse_perm", torch.argsort(perm), persistent=False)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) matrix of this map: block diagonal in the reordered input coordinates.
@@ -51,21 +55,27 @@ class GroupedConnection(nn.Module):
 
 
 class ConsolidatorBranch(nn.Module):
-    """x (..., in) -> sum_b GroupedConnection_b(dropout(x)): (..., out)."""
+    """x (..., in) -> drop_path(sum_b GroupedConnection_b(dropout(x)) + bias): (..., out)."""
 
-    def __init__(self, in_features: int, out_features: int, groups: tuple[int, ...], dropout: float) -> None:
+    def __init__(self, in_features: int, out_features: int, cfg: ConsolidatorSettings) -> None:
         super().__init__()
-        counts = [math.gcd(g, in_features, out_features) for g in groups]
-        self.maps = nn.ModuleList(GroupedConnection(in_features, out_features, g) for g in counts)
-        self.dropout = nn.Dropout(dropout)
+        counts = [math.gcd(g, in_features, out_features) for g in cfg.groups]
+        self.maps = nn.ModuleList(GroupedConnection(in_features, out_features, g, cfg.shuffle, cfg.init)
+                                  for g in counts)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if cfg.bias else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(cfg.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the branches run as their consolidated dense matrix: one matmul, and merge is exact by construction
-        return F.linear(self.dropout(x), self.delta_weight())
+        return self.drop_path(F.linear(self.dropout(x), self.delta_weight(), self.bias))
 
     def delta_weight(self) -> torch.Tensor:
         """All branches consolidated into one (out, in) matrix."""
         return sum(grouped.delta_weight() for grouped in self.maps)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return self.bias
 
 
 class Consolidator(PeftMethod):
@@ -77,7 +87,7 @@ class Consolidator(PeftMethod):
 
     def inject(self, model: VisionTransformer, cfg: ConsolidatorSettings) -> None:
         for _, linear in list(encoder_linears(model)):
-            branch = ConsolidatorBranch(linear.in_features, linear.out_features, cfg.groups, cfg.dropout)
+            branch = ConsolidatorBranch(linear.in_features, linear.out_features, cfg)
             add_branch(linear, branch)
 
     def fold(self, model: nn.Module) -> None:

@@ -205,7 +205,7 @@ def test_fact_slices_and_consolidator_groups_have_their_structure() -> None:
     assert fact.fact.sigma.shape == (4 * 12, 8, 8)  # 4 blocks x (q, k, v, o, 4 x fc1, 4 x fc2)
 
     method = PEFT_METHODS["consolidator"]
-    model = method.apply(tiny_vit(), {"groups": (8, 32)})
+    model = method.apply(tiny_vit(), {"groups": (8, 32), "shuffle": True})
     perturb(method, model)
     delta = model.blocks[0].mlp.fc2.branch.delta_weight()  # (64, 256)
     assert delta.count_nonzero() <= 64 * 256 // 8 + 64 * 256 // 32
@@ -217,3 +217,20 @@ def test_every_method_has_its_torch_free_settings_and_no_other() -> None:
 
     assert list(PEFT_METHODS) == list(PEFT_SETTINGS)
     assert {name for name, s in PEFT_SETTINGS.items() if not s.token_merging} == {"convpass", "vpt"}
+
+
+def test_a_branch_bias_merges_into_a_linear_that_had_none() -> None:
+    from models.peft.base import add_branch, unbranch
+    from models.peft.consolidator import ConsolidatorBranch
+    from models.settings import ConsolidatorSettings
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8, bias=False)
+    add_branch(linear, ConsolidatorBranch(16, 8, ConsolidatorSettings(groups=(4,), drop_path=0.0)))
+    with torch.no_grad():
+        linear.branch.bias.normal_()
+    x = torch.randn(3, 16)
+    before = linear.eval()(x)
+    unbranch(linear)
+    assert type(linear) is torch.nn.Linear and linear.bias is not None
+    torch.testing.assert_close(linear(x), before)

@@ -22,6 +22,8 @@ def test_vit_base_counts_match_the_papers() -> None:
     assert params["bitfit"] == 102_144  # "~0.10M"
     assert params["fact_tk"] == 2 * 768 * 32 + 144 * 32 + 32**3
     assert params["bi_adapter"] == 12 * 2 * 768 * 32
+    # the authors' VTAB setup: one 384-group branch with a bias per Linear, 0.35% of ViT-B/16
+    assert params["consolidator"] == 84_934_656 // 384 + 12 * (2304 + 768 + 3072 + 768) == 304_128
     assert params["linear"] == 0
     assert round(params["full"] / 1e6, 1) == 85.8
 
