@@ -133,6 +133,9 @@ class PruneSettings(BaseModel):
     head_keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of heads kept; None: keep_ratio")
     lam: float = Field(1e-4, gt=0, description="ResRep group-lasso strength lambda")
     criterion: Literal["saliency", "norm"] = Field("saliency", description="ResRep: what chooses the forget set")
+    selection: Literal["layer", "global"] = Field(
+        "layer", description="ResRep: layer keeps the ratio in every block; global keeps the same total, the groups "
+        "that matter least model-wide forgotten (at least one kept per block), as ResRep's global selection")
     steps: int = Field(2, ge=1, description="training forwards; the structure is reached at the last one")
     centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength epsilon")
     seed: int = 0

@@ -58,6 +58,7 @@ class Compactor(nn.Module):
 
     forget: torch.Tensor
     energy: torch.Tensor
+    budget: torch.Tensor
 
     def __init__(self, width: int, group_size: int, keep: int, lam: float, steps: int,
                  criterion: str = "saliency") -> None:
@@ -65,14 +66,20 @@ class Compactor(nn.Module):
         if criterion not in CRITERIA:
             raise PruneError(f"unknown ResRep criterion {criterion!r} (known: {', '.join(CRITERIA)})")
         self.weight = nn.Parameter(torch.eye(width))
-        self.group_size, self.keep, self.lam, self.criterion = group_size, keep, lam, criterion
+        self.group_size, self.lam, self.criterion = group_size, lam, criterion
         self.schedule = Schedule(steps)
+        self.pool: GlobalSelection | None = None  # set by ResRep.prepare with selection "global"
         self.register_buffer("forget", torch.zeros(width // group_size, dtype=torch.bool))
         self.register_buffer("energy", torch.zeros(width))
+        self.register_buffer("budget", torch.tensor(keep))  # groups kept at the end (global selection sets it)
 
     @property
     def groups(self) -> int:
         return self.weight.shape[0] // self.group_size
+
+    @property
+    def keep(self) -> int:
+        return int(self.budget)
 
     def scores(self, out_weight: torch.Tensor | None = None) -> torch.Tensor:
         """(groups,): how much each group matters by the criterion (norm without the next layer's weight)."""
@@ -116,9 +123,12 @@ class Compactor(nn.Module):
             with torch.no_grad():
                 seen = x.detach().float().pow(2).reshape(-1, x.shape[-1]).mean(dim=0)
                 self.energy += (seen - self.energy) / int(self.schedule.step)
-        count = round((self.groups - self.keep) * self.schedule.growth)
-        if count != int(self.forget.sum()) and (self.schedule.fade == 1.0 or not self.complete):
-            self.forget.copy_(self.smallest(count, out_weight))
+        if self.pool is not None:
+            self.pool.choose(self.schedule.growth)
+        else:
+            count = round((self.groups - self.keep) * self.schedule.growth)
+            if count != int(self.forget.sum()) and (self.schedule.fade == 1.0 or not self.complete):
+                self.forget.copy_(self.smallest(count, out_weight))
         rows = self.forget.repeat_interleave(self.group_size)
         weight = _ResetGradient.apply(self.weight, rows, self.group_size, self.lam)
         return x @ self.effective(weight).to(x.dtype)
@@ -126,7 +136,9 @@ class Compactor(nn.Module):
     @torch.no_grad()
     def impose(self) -> None:
         """Zero the rows of the final forget set now (lossy): the structure the schedule reaches at its end."""
-        if not self.complete:
+        if self.pool is not None:
+            self.pool.choose(1.0)
+        elif not self.complete:
             self.forget.copy_(self.smallest())
         self.weight[self.forget.repeat_interleave(self.group_size)] = 0.0
 
@@ -136,6 +148,45 @@ class Compactor(nn.Module):
             return float("inf")
         norms = self.effective().detach().reshape(self.groups, -1).norm(dim=1)
         return float(norms[self.forget].max()) if self.forget.any() else 0.0
+
+
+class GlobalSelection:
+    """ResRep's global selection over the compactors of one kind (MLP units, or heads): their forget sets are
+    chosen together, the groups that matter least model-wide (the scores compare across blocks: fc2 and proj
+    both write into the residual stream), at least one group kept per compactor, and the total kept equal to
+    the per-block ratios' total. Each member calls `choose` at its forward; the first to reach a new growth
+    level chooses for all. A plain object (not a module): state_dict holds the members' forget sets and budgets.
+    """
+
+    def __init__(self, members: list[tuple[Compactor, nn.Linear]]) -> None:
+        self.members = members
+        self.total_forget = sum(c.groups - c.keep for c, _ in members)
+        self.level = -1.0
+
+    @torch.no_grad()
+    def choose(self, growth: float) -> None:
+        """Re-choose every member's forget set for this growth level (once per level); at 1.0 the members'
+        budgets become what they keep. A model rebuilt or resumed past its final choice keeps that choice."""
+        if growth == self.level:
+            return
+        final = all(c.groups - c.keep == int(c.forget.sum()) for c, _ in self.members)
+        self.level = growth
+        if growth == 1.0 and final:  # consistent already: a resumed model's final choice, or 0.9's was complete
+            return
+        count = round(self.total_forget * growth)
+        candidates = []  # (score, member, group): every group but each member's best
+        for m, (c, linear) in enumerate(self.members):
+            scores = c.scores(linear.weight)
+            best = int(torch.argmax(scores))
+            candidates += [(v, m, g) for g, v in enumerate(scores.tolist()) if g != best]
+        candidates.sort(key=lambda t: t[0])  # stable: ties go by member, then group
+        forget = [torch.zeros_like(c.forget) for c, _ in self.members]
+        for _, m, g in candidates[:count]:
+            forget[m][g] = True
+        for (c, _), chosen in zip(self.members, forget, strict=True):
+            c.forget.copy_(chosen)
+            if growth == 1.0:
+                c.budget.fill_(c.groups - int(chosen.sum()))
 
 
 class CompactedLinear(nn.Module):
@@ -162,6 +213,7 @@ class ResRep:
     name: ClassVar[str] = "resrep"
 
     def prepare(self, model: VisionTransformer, cfg: PruneSettings) -> VisionTransformer:
+        """Compactors on every block's fc2 and proj input; with `selection: global`, pooled per kind."""
         for i, block in enumerate(model.blocks):
             attn, mlp = _attention(block, i), block.mlp
             hidden, heads = mlp.fc2.in_features, attn.num_heads
@@ -173,6 +225,12 @@ class ResRep:
                 Compactor(heads * attn.head_dim, attn.head_dim, keep_count(heads, cfg.heads_ratio), cfg.lam,
                           cfg.steps, cfg.criterion), attn.proj
             ).to(device)
+        if cfg.selection == "global":
+            for kind in ("mlp.fc2", "attn.proj"):
+                layers = [block.get_submodule(kind) for block in model.blocks]
+                pool = GlobalSelection([(layer.compactor, layer.linear) for layer in layers])
+                for layer in layers:
+                    layer.compactor.pool = pool
         return model
 
     @staticmethod

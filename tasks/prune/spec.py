@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from cluster.config import Resources
 from models.settings import TOCOM_SCALES, Pruner, PruneSettings
@@ -28,6 +28,8 @@ class PruneConfig(Frozen):
     lam: float = Field(1e-4, gt=0, alias="lambda", description="ResRep group-lasso strength")
     criterion: Literal["saliency", "norm"] = Field(
         "saliency", description="ResRep: what chooses the forget set (models.prune.resrep.Compactor)")
+    selection: Literal["layer", "global"] = Field(
+        "layer", description="ResRep: the ratio kept in every block, or the same total chosen model-wide")
     centripetal: float = Field(3e-3, ge=0, description="C-SGD centripetal strength")
     train: paper_train(steps=100, lr=1e-3, warmup_steps=5, weight_decay=0.0)
     # ResRep's recovery: the converted, narrower model fine-tuned (every weight) on the task; null: none.
@@ -40,11 +42,18 @@ class PruneConfig(Frozen):
     register_flagged: bool = Field(False, description="register a model flagged as unfit too: at chance on the "
                                    "test split, or slower than its unpruned parent at batch 1 and at batch 64")
 
+    @model_validator(mode="after")
+    def _resrep_options(self) -> PruneConfig:
+        if self.selection == "global" and self.pruner != "resrep":
+            raise ValueError(f"selection: global is ResRep's global selection; {self.pruner} prunes every block "
+                             "at keep_ratio")
+        return self
+
     def settings(self) -> PruneSettings:
         """The pruner's schedule runs over every training forward (micro-batches)."""
         return PruneSettings(keep_ratio=self.keep_ratio, head_keep_ratio=self.head_keep_ratio, lam=self.lam,
-                             criterion=self.criterion, steps=self.train.steps * self.train.grad_accum,
-                             centripetal=self.centripetal)
+                             criterion=self.criterion, selection=self.selection,
+                             steps=self.train.steps * self.train.grad_accum, centripetal=self.centripetal)
 
 
 class PruneNode(PruneConfig):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -150,6 +151,43 @@ def test_resrep_forget_set_ramps_up() -> None:
     with torch.no_grad():
         rows = compactor.forget
         torch.testing.assert_close(compactor.eval()(torch.eye(10))[rows], 0.5 * compactor.weight[rows])
+
+
+def test_resrep_global_selection_keeps_the_total_and_converts_exactly(images: torch.Tensor) -> None:
+    """selection: global pools each kind's groups model-wide: the same total kept as per-block ratios, at least
+    one per block, widths free to differ, the conversion still exact, and a copy of the model (as a rebuilt or
+    resumed one) keeps the choice."""
+    settings = PruneSettings(keep_ratio=0.5, steps=8, selection="global")
+    model = PRUNERS["resrep"].prepare(tiny(), settings)
+    with torch.no_grad():  # make block 0's MLP carry little output: global selection should take more from it
+        model.blocks[0].mlp.fc2.linear.weight.mul_(0.01)
+    task_steps(model, images, steps=8)
+    with torch.no_grad():
+        trained = model(images)
+    copied = copy.deepcopy(model)
+    structure = PRUNERS["resrep"].convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), trained, rtol=1e-5, atol=1e-5)
+    widths = block_widths(model)
+    assert sum(w["mlp_hidden"] for w in widths) == DEPTH * keep_count(HIDDEN, 0.5)
+    assert sum(w["num_heads"] for w in widths) == DEPTH * keep_count(HEADS, 0.5)
+    assert min(w["mlp_hidden"] for w in widths) >= 1 and min(w["num_heads"] for w in widths) >= 1
+    assert widths[0]["mlp_hidden"] < keep_count(HIDDEN, 0.5) < max(w["mlp_hidden"] for w in widths)
+    assert PRUNERS["resrep"].convert(copied) == structure  # the pool moved with the copy, the choice held
+
+
+def test_resrep_global_selection_survives_a_resume_in_the_fade(images: torch.Tensor) -> None:
+    """A model rebuilt from a checkpoint taken in the second half (the choice made, the fade under way) goes on
+    with the checkpointed choice, exactly as the uninterrupted model."""
+    settings = PruneSettings(keep_ratio=0.5, steps=8, selection="global")
+    torch.manual_seed(0)
+    whole = PRUNERS["resrep"].prepare(tiny(), settings)
+    task_steps(whole, images, steps=6)
+    resumed = PRUNERS["resrep"].prepare(tiny(), settings)
+    resumed.load_state_dict(whole.state_dict())
+    for model in (whole, resumed):
+        task_steps(model, images, steps=2)
+    assert PRUNERS["resrep"].convert(resumed) == PRUNERS["resrep"].convert(whole)
 
 
 def test_kmeans_is_seeded_and_fills_every_cluster() -> None:

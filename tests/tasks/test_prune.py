@@ -158,6 +158,19 @@ def test_csgd_keeps_an_unmergeable_adapter_and_merges_tokens_beside_it(world: di
     assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy_after"]
 
 
+def test_resrep_global_selection_exports_blocks_of_different_widths(world: dict, tmp_path: Path) -> None:
+    ft = finetune_config("lora", r=4)
+    model = finetuned(world, ft, "digits-lora")
+    cfg = prune_config(ft, "resrep", keep_ratio=0.5, selection="global", recover=None)
+    inputs = {"model": model, "data": world["digits"], "backbone": world["backbone"]}
+    manifest = run_stage(world["store"], world["tmp"], "prune", "digits-lora-global", cfg, inputs)
+    widths = manifest.outputs["widths"]
+    assert sum(w["mlp_hidden"] for w in widths) == 4 * 128 and sum(w["num_heads"] for w in widths) == 4 * 2
+    assert manifest.metrics["convert_max_rel_diff"] < 1e-5, manifest.metrics  # exact, whatever the widths
+    deploy = load(exported(world, manifest, tmp_path))
+    assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy_after"]
+
+
 def test_pipeline_config_wires_prune_nodes_and_rejects_keep_ratio_zero() -> None:
     cfg = load_config(DEMO)
     nodes = {n.name: n for n in build_dag(cfg)}
@@ -172,6 +185,8 @@ def test_pipeline_config_wires_prune_nodes_and_rejects_keep_ratio_zero() -> None
         load_config(DEMO, ("stages.prune.keep_ratio=0",))
     with pytest.raises(ConfigError, match=r"stages\.prune\.pruner: Input should be 'resrep' or 'csgd'"):
         load_config(DEMO, ("stages.prune.pruner=obd",))
+    with pytest.raises(ConfigError, match=r"stages\.prune: selection: global is ResRep's global selection; csgd"):
+        load_config(DEMO, ("stages.prune.pruner=csgd", "stages.prune.selection=global"))
 
 
 def test_flags_name_models_a_user_would_not_keep() -> None:
