@@ -49,7 +49,7 @@ def declare(pipeline: Pipeline, plan: Plan) -> None:
 
 def summary(committed: list[Committed], pipeline: Pipeline) -> Section:
     lines = [f"  held-out KL(teacher || student) over {d.outputs.pairs} degree pairs: "
-             f"{d.metrics['heldout_kl_without']:.4f} without ToCom -> {d.metrics['heldout_kl_with']:.4f} with "
+             f"{d.metrics['heldout_kl_without']:.3g} without ToCom -> {d.metrics['heldout_kl_with']:.3g} with "
              f"(x{d.metrics['heldout_kl_ratio']:.3f})" for d in committed]
     return Section("\nToCom (distill)\n" + "\n".join(lines) + "\n") if lines else Section()
 
