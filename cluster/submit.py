@@ -27,7 +27,7 @@ from typing import Literal, TextIO
 from pydantic import BaseModel, ConfigDict
 
 from cluster.fs import is_s3
-from cluster.provenance import COMMIT_STAMP
+from cluster.provenance import COMMIT_STAMP, PACKAGE_ROOT
 
 JOB_DIR = "vitpipe-job"  # inside the shipped working_dir: the pipeline YAML
 DEFAULT_EXCLUDES = (".git", ".venv", "venv", "vitpipe-work", "__pycache__", "*.pyc", "*.egg-info",
@@ -90,8 +90,9 @@ def job_spec(config_name: str, pipeline: str, overrides: tuple[str, ...], cfg: S
     return JobSpec(submission_id, shlex.join(args), runtime_env, metadata, names)
 
 
-def project_requirements() -> list[str]:
-    """vitpipe's runtime dependencies as pip requirement strings (extras such as [dev] left out)."""
+def project_requirements(constraints: Path = PACKAGE_ROOT / "constraints.txt") -> list[str]:
+    """vitpipe's runtime dependencies as pip requirement strings (extras such as [dev] left out), each pinned
+    to the version constraints.txt tests (`name[extras]==version`), so a job never runs untested versions."""
     from importlib.metadata import PackageNotFoundError, requires
 
     try:
@@ -99,7 +100,22 @@ def project_requirements() -> list[str]:
     except PackageNotFoundError as err:
         raise SubmitError("runtime_env pip: vitpipe is not installed here, so its dependencies are "
                           "unknown (pip install -e . first)") from err
-    return [r for r in reqs if "extra ==" not in r]
+    pins = {}
+    if constraints.is_file():
+        for line in constraints.read_text().splitlines():
+            name, sep, version = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[_canonical(name)] = version.strip()
+    pinned = []
+    for req in (r for r in reqs if "extra ==" not in r):
+        name = re.match(r"[A-Za-z0-9._-]+(\[[^\]]*\])?", req).group(0)
+        version = pins.get(_canonical(name.split("[")[0]))
+        pinned.append(f"{name}=={version}" if version else req)
+    return pinned
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @contextmanager

@@ -60,3 +60,10 @@ def test_every_vtab1k_stage_fits_a_worker_node_type() -> None:
         if 0 < res.gpus_per_worker < 1:  # fractional fan-out: a whole GPU's worth of nodes fits on one node
             share = round(1 / res.gpus_per_worker)
             assert any(w.get("GPU", 0) >= 1 and w["CPU"] >= share * res.cpus_per_worker for w in fits), name
+
+
+def test_the_dashboard_and_its_jobs_api_listen_on_the_head_only() -> None:
+    """The Jobs API runs code on the cluster unauthenticated: reachable through `ray dashboard`'s SSH tunnel, never
+    from the network."""
+    text = (Path(__file__).resolve().parents[1] / "ray_cluster.yaml").read_text()
+    assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text

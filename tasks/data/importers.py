@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +15,9 @@ from tasks.data.loading import decode_error
 from tasks.data.shards import SPLITS, DataError, Record, SourceData, encode_png
 from tasks.data.splits import stratified_splits
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# every suffix of a format PIL can open (PNG, JPEG, BMP, GIF, TIFF, WebP, ...); non-PNG/JPEG files are stored as PNG
+IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+log = logging.getLogger("vitpipe.data")
 VTAB_VAL_ROWS = 200
 
 Entry = tuple[str, int, str, str]  # (image path in fs, label, split, where-for-messages)
@@ -54,13 +57,15 @@ def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
                   if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
 
 
-def _class_files(fs: pafs.FileSystem, path: str) -> dict[str, list[str]]:
-    """{class folder name: sorted image paths directly inside it}."""
+def _class_files(fs: pafs.FileSystem, path: str, skipped: list[str]) -> dict[str, list[str]]:
+    """{class folder name: sorted image paths directly inside it}; files of no image format PIL opens (and
+    not hidden) are appended to `skipped`."""
     found = {}
     for name in _subdirs(fs, path):
         entries = fs.get_file_info(pafs.FileSelector(f"{path}/{name}", recursive=False))
-        found[name] = sorted(e.path for e in entries if e.type == pafs.FileType.File
-                             and e.base_name.lower().endswith(IMAGE_SUFFIXES))
+        files = [e for e in entries if e.type == pafs.FileType.File and not e.base_name.startswith(".")]
+        found[name] = sorted(e.path for e in files if e.base_name.lower().endswith(IMAGE_SUFFIXES))
+        skipped += sorted(e.path for e in files if not e.base_name.lower().endswith(IMAGE_SUFFIXES))
     return found
 
 
@@ -72,20 +77,20 @@ def imagefolder(root: str, seed: int) -> SourceData:
         raise DataError(f"imagefolder {root}: not a directory")
     top = _subdirs(fs, path)
     split_layout = any(split in top for split in SPLITS)
+    skipped: list[str] = []
     if split_layout:
         missing = [split for split in SPLITS if split not in top]
         if missing:
             raise DataError(f"imagefolder {root}: has split folders but no {', '.join(missing)}/")
-        per_split = {split: _class_files(fs, f"{path}/{split}") for split in SPLITS}
+        per_split = {split: _class_files(fs, f"{path}/{split}", skipped) for split in SPLITS}
     else:
-        per_split = {"all": _class_files(fs, path)}
+        per_split = {"all": _class_files(fs, path, skipped)}
     classes = tuple(sorted({name for files in per_split.values() for name in files}))
     if not classes:
         raise DataError(f"imagefolder {root}: no class folders")
     for cls in classes:
         if not any(files.get(cls) for files in per_split.values()):
-            suffixes = "/".join(IMAGE_SUFFIXES)
-            raise DataError(f"imagefolder {root}: class folder {cls!r} has no {suffixes} images")
+            raise DataError(f"imagefolder {root}: class folder {cls!r} has no images (of a format PIL opens)")
     labeled = [(file, classes.index(cls), split) for split, files in per_split.items()
                for cls in classes for file in files.get(cls, [])]
     if not split_layout:
@@ -93,7 +98,11 @@ def imagefolder(root: str, seed: int) -> SourceData:
         labeled = [(labeled[i][0], labeled[i][1], split) for split in SPLITS for i in order[split]]
     entries = [(file, label, split, file) for file, label, split in labeled]
     layout = "train/val/test folders" if split_layout else "seeded stratified 60/20/20"
-    return _source_data(fs, classes, entries, {"path": root, "layout": layout, "seed": seed})
+    if skipped:
+        log.warning("imagefolder %s: skipped %d files that are no image PIL opens: %s", root, len(skipped),
+                    ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""))
+    return _source_data(fs, classes, entries, {"path": root, "layout": layout, "seed": seed,
+                                               "skipped": {"count": len(skipped), "first": skipped[:10]}})
 
 
 def _read_list(fs: pafs.FileSystem, path: str) -> list[tuple[str, int, str]]:

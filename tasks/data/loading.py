@@ -23,11 +23,16 @@ if TYPE_CHECKING:
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded image -> (3, S, S) uint8 RGB, resized bilinearly (PIL antialiases when shrinking)."""
+    """Encoded image -> (3, S, S) uint8 RGB: the shorter side resized bilinearly to S (PIL antialiases when
+    shrinking), then the centre S x S, as timm's eval transform does (crop_pct 1): no stretching."""
     with Image.open(io.BytesIO(data)) as img:
         rgb = img.convert("RGB")
     if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        w, h = rgb.size
+        scale = image_size / min(w, h)
+        size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR).crop((left, top, left + image_size, top + image_size))
     return np.asarray(rgb).transpose(2, 0, 1).copy()
 
 

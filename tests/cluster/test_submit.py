@@ -45,6 +45,10 @@ def test_pip_runtime_env_installs_the_projects_dependencies_and_image_uri_is_pas
     assert {"torch", "ray", "mlflow", "deepspeed", "boto3"} <= names
     assert not any("pytest" in r or "moto" in r for r in pip["packages"])  # the [dev] extra stays out
     assert pip["packages"] == project_requirements()
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    for req in pip["packages"]:  # the tested versions, not pyproject's ranges
+        name, _, version = req.partition("==")
+        assert version and pins[name.split("[")[0]] == version, req
     image = job_spec("d.yaml", "d", (), SubmitConfig(image_uri="ghcr.io/acme/vitpipe:1"), {}).runtime_env
     assert image == {"env_vars": {}, "image_uri": "ghcr.io/acme/vitpipe:1"}
 

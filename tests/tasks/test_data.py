@@ -202,6 +202,33 @@ def test_imagefolder_split_folders_and_bad_image(tmp_path: Path) -> None:
         prepare(f"imagefolder:{tmp_path / 'tree'}", str(tmp_path / "out"))
 
 
+def test_imagefolder_takes_every_format_pil_opens_and_records_what_it_skipped(tmp_path: Path) -> None:
+    _imagefolder_tree(tmp_path / "tree", per_class=4)
+    for fmt in ("BMP", "WEBP", "TIFF", "GIF"):
+        Image.new("RGB", (20, 20), COLORS["emu"]).save(tmp_path / "tree" / "emu" / f"x.{fmt.lower()}", format=fmt)
+    (tmp_path / "tree" / "emu" / "notes.txt").write_text("not an image")
+    (tmp_path / "tree" / "emu" / ".DS_Store").write_bytes(b"\0")  # hidden: not worth a word
+    info = prepare(f"imagefolder:{tmp_path / 'tree'}", str(tmp_path / "out"), seed=0)
+    assert sum(info.counts.values()) == 3 * 4 + 4
+    stored = pq.read_table(tmp_path / "out").column("image").to_pylist()
+    assert all(Image.open(io.BytesIO(b)).format in ("PNG", "JPEG") for b in stored)  # others stored as PNG
+    schema = pq.read_schema(next((tmp_path / "out").glob("*.parquet")))
+    skipped = json.loads(schema.metadata[b"vitpipe.provenance"])["skipped"]
+    assert [name.split("tree/")[1] for name in skipped["first"]] == ["cat/notes.txt", "emu/notes.txt"]  # no .DS_Store
+
+
+def test_a_non_square_image_is_centre_cropped_not_stretched() -> None:
+    from tasks.data.loading import decode_image
+
+    strip = np.zeros((32, 96, 3), np.uint8)  # red | green | blue thirds, each 32 x 32
+    strip[:, :32, 0], strip[:, 32:64, 1], strip[:, 64:, 2] = 200, 200, 200
+    for image in (strip, strip.transpose(1, 0, 2).copy()):  # wide, and tall
+        out = decode_image(_png(image), 16)
+        assert out.shape == (3, 16, 16)
+        # only the middle third (bilinear filtering softens its edge columns); stretched, a third would be red
+        assert (out[1] >= 150).all() and out[0].max() <= 60 and out[2].max() <= 60, out
+
+
 def _vtab_tree(root: Path, labels: dict[str, int]) -> None:
     (root / "images").mkdir(parents=True)
     for name, label in labels.items():
