@@ -110,9 +110,9 @@ class _Run:
             except Exception as err:  # noqa: BLE001 - keep ending the others, unless the tracking store is gone
                 if disk_full(err, self.cfg.work_dir) is not None or isinstance(err, TransientError):
                     log.warning("could not end %d MLflow run(s): %s; the next run marks them KILLED",
-                                len(runs) - i, _one_line(err))
+                                len(runs) - i, error_line(err))
                     return
-                log.warning("could not end MLflow run %s: %s", run_id, _one_line(err))
+                log.warning("could not end MLflow run %s: %s", run_id, error_line(err))
 
     def reap(self) -> None:
         """Runs left RUNNING by a driver of this machine that is gone (killed, out of memory, power lost) are
@@ -231,7 +231,7 @@ class _Run:
             full = disk_full(err, self.cfg.work_dir)
             if full is not None:  # ... unless the disk is full: every other stage would fail the same way
                 self.abort = full
-            message = str(full) if full is not None else _one_line(err)
+            message = str(full) if full is not None else error_line(err)
             self.outcomes[node.name] = NodeOutcome(node, key, "failed", seconds, error=message)
             self.tracker.set_tags(run_id, {"vitpipe.error": message[:5000]})
             self.finish(run_id, "FAILED")
@@ -360,12 +360,13 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _one_line(err: BaseException) -> str:
-    """The root cause of a (possibly Ray-wrapped) exception as one line."""
+def error_line(err: BaseException) -> str:
+    """The root cause of a (possibly Ray-wrapped) exception as one line: its whole message, lines joined by " | "
+    (a pydantic error's details are on the lines after its first)."""
     cause = getattr(err, "cause", None) or err
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     # Ray Train wraps the worker's traceback: its last "SomeError: message" line is the root cause.
     raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*?:", ln)]
-    if len(lines) > 1 and raised:
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines) and raised:
         return raised[-1]
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    return f"{type(cause).__name__}: {' | '.join(lines)}" if lines else type(cause).__name__

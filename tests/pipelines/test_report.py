@@ -62,3 +62,20 @@ def test_a_renamed_output_key_fails_where_it_is_read() -> None:
         assert "task" in str(err) and "Field required" in str(err)
     else:
         raise AssertionError("outputs without 'task' were read")
+
+
+def test_a_failed_nodes_error_is_its_whole_message_on_one_line() -> None:
+    import pydantic
+
+    from pipelines.runner import error_line
+
+    class Small(pydantic.BaseModel):
+        n: int
+
+    try:
+        Small(n="x")
+    except pydantic.ValidationError as err:
+        line = error_line(err)
+    assert "\n" not in line and line.startswith("ValidationError: 1 validation error for Small | n | Input should")
+    wrapped = RuntimeError("Traceback (most recent call last):\n  File x\nValueError: the root cause\n")
+    assert error_line(wrapped) == "ValueError: the root cause"  # a Ray-wrapped worker traceback: its last raise
