@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import boto3
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
@@ -12,6 +15,7 @@ from cluster.store import ArtifactStore, StoreError, StoreUnavailable, _clean_pr
 
 _S3_DELETE_BATCH = 1000
 _S3_ERRORS = (ClientError, BotoCoreError)
+T = TypeVar("T")
 # A conditional put that lost: the precondition failed, or a concurrent conditional write won.
 _LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
@@ -75,28 +79,34 @@ class S3Store(ArtifactStore):
         except _S3_ERRORS as e:
             raise self._error(key, "put", e) from e
 
-    def read_bytes(self, key: str) -> bytes:
-        obj = self._object_key(key)
+    def _unless_missing(self, key: str, what: str, request: Callable[[], T]) -> T | None:
+        """`request()`; None when the object does not exist; any other failure is a StoreError naming it."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=obj)["Body"].read()
+            return request()
         except ClientError as e:
             if _is_not_found(e):
-                raise StoreError(f"{self.uri}: {key}: no such object") from e
-            raise self._error(key, "get", e) from e
+                return None
+            raise self._error(key, what, e) from e
         except BotoCoreError as e:
-            raise self._error(key, "get", e) from e
+            raise self._error(key, what, e) from e
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        """(body, ETag) of the object, None when there is none."""
+        def request() -> tuple[bytes, str]:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+            return response["Body"].read(), response["ETag"]
+
+        return self._unless_missing(key, "get", request)
+
+    def read_bytes(self, key: str) -> bytes:
+        found = self._get(key)
+        if found is None:
+            raise StoreError(f"{self.uri}: {key}: no such object")
+        return found[0]
 
     def exists(self, key: str) -> bool:
-        obj = self._object_key(key)
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=obj)
-            return True
-        except ClientError as e:
-            if _is_not_found(e):
-                return False
-            raise self._error(key, "head", e) from e
-        except BotoCoreError as e:
-            raise self._error(key, "head", e) from e
+        request = lambda: self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))  # noqa: E731
+        return self._unless_missing(key, "head", request) is not None
 
     def _list_objects(self, prefix: str) -> list[str]:
         """Full S3 keys of the objects under directory `prefix`."""
@@ -144,17 +154,10 @@ class S3Store(ArtifactStore):
         obj = self._object_key(key)
         condition = {"IfNoneMatch": "*"}
         if expected is not None:
-            try:
-                current = self.client.get_object(Bucket=self.bucket, Key=obj)
-                if current["Body"].read() != expected:
-                    return False
-            except ClientError as e:
-                if _is_not_found(e):
-                    return False
-                raise self._error(key, "get", e) from e
-            except BotoCoreError as e:
-                raise self._error(key, "get", e) from e
-            condition = {"IfMatch": current["ETag"]}
+            current = self._get(key)
+            if current is None or current[0] != expected:
+                return False
+            condition = {"IfMatch": current[1]}
         try:
             self.client.put_object(Bucket=self.bucket, Key=obj, Body=data, **condition)
         except ClientError as e:
