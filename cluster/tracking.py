@@ -194,19 +194,25 @@ class Tracker:
 
     def register_model(self, run_id: str, name: str, local_dir: str, artifact_path: str,
                        tags: dict[str, str], example: Any) -> tuple[str, str]:
-        """Log the exported model folder as an MLflow pyfunc model (an MLmodel with a signature and `example`
-        as its input example; save_pyfunc) under `artifact_path` and register it as a new version of model
-        `name` (the registered model is created on first use); returns (name, version)."""
+        """The exported model folder as an MLflow pyfunc model (an MLmodel with a signature and `example` as its
+        input example; save_pyfunc): logged under the run's `artifact_path`, logged as an MLflow 3 LoggedModel of
+        the run (the UI's "Logged models" list, tags = `tags`), and registered as a new version of model `name`
+        from that LoggedModel (the registered model is created on first use); returns (name, version)."""
+        tags = {k: str(v) for k, v in tags.items()}
         with tempfile.TemporaryDirectory() as d:
-            save_pyfunc(local_dir, str(Path(d) / "pyfunc"), example)
-            self._call("log model files", self.client.log_artifacts, run_id, str(Path(d) / "pyfunc"), artifact_path)
-        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+            pyfunc = str(Path(d) / "pyfunc")
+            save_pyfunc(local_dir, pyfunc, example)
+            self._call("log model files", self.client.log_artifacts, run_id, pyfunc, artifact_path)
+            logged = self._call("create a logged model", self.client.create_logged_model, self.experiment_id,
+                                name=name, source_run_id=run_id, tags=tags, model_type="vitpipe-deploy")
+            self._call("log the logged model's files", self.client.log_model_artifacts, logged.model_id, pyfunc)
+            self._call("finalize a logged model", self.client.finalize_logged_model, logged.model_id, "READY")
         try:
             self.client.create_registered_model(name)
         except Exception:  # it exists (registered by an earlier run, or concurrently by another node)
             self._call("look up a registered model", self.client.get_registered_model, name)
-        version = self._call("register a model version", self.client.create_model_version, name, source,
-                             run_id, tags={k: str(v) for k, v in tags.items()})
+        version = self._call("register a model version", self.client.create_model_version, name,
+                             logged.artifact_location, run_id, tags=tags, model_id=logged.model_id)
         return name, str(version.version)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:

@@ -116,6 +116,11 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert float(version.tags["test_accuracy_after"]) == pytest.approx(metrics["test_accuracy_after"], rel=1e-5)
     logged = {f.path for f in client.list_artifacts(manifest.mlflow_run_id, "model")}
     assert {"model/MLmodel", "model/artifacts", "model/code"} <= logged
+    run = client.get_run(manifest.mlflow_run_id)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])  # the UI's "Logged models"
+    ours = [m for m in models if m.source_run_id == manifest.mlflow_run_id]
+    assert len(ours) == 1 and str(ours[0].status) in ("READY", "LoggedModelStatus.READY")
+    assert version.source == ours[0].artifact_location  # the version is the logged model
     assert_served_as_pyfunc(world, out["registered"], metrics["test_accuracy_after"])
 
 
