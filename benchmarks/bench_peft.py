@@ -23,8 +23,6 @@ Usage: python benchmarks/bench_peft.py [--batch 64] [--warmup 1] [--rounds 6] [-
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Iterable
@@ -32,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from recording import record
+from recording import Bench, interleaved_args
 from torch import nn
 
 from models.peft import PEFT_METHODS, PeftMethod
@@ -98,14 +96,9 @@ def step_memory(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method, besides the memory step")
-    parser.add_argument("--rounds", type=int, default=6, help="timed steps per method")
-    parser.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
+    interleaved_args(parser, batch=64, warmup=1, rounds=6, unit="steps per method (besides the memory step)")
+    bench = Bench(parser, threads=2)
+    args = bench.args
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, 32, 32, generator=gen)
@@ -141,13 +134,9 @@ def main() -> None:
             f"| {mem / MIB:.1f} | {mem / full_mem:.2f} | {memory[name]['activations'] / MIB:.1f} "
             f"| {delta:,} | {delta_no_head:,} | {delta / full_delta:.4f} |"
         )
-    elapsed = time.perf_counter() - started
-    print("\n".join(lines))
-    print(f"{args.warmup} warm-up + 1 memory + {args.rounds} timed steps x {len(runs)} methods, {elapsed:.0f} s")
-    if args.record:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
-        record(f"{machine}, load average {load:.1f} at start", lines,
-               note=f"batch {args.batch}, {args.rounds} interleaved rounds, {elapsed:.0f} s", table=True)
+    bench.report(lines, f"{torch.get_num_threads()} torch threads",
+                 f"{args.warmup} warm-up + 1 memory + {args.rounds} timed steps x {len(runs)} methods",
+                 note=f"batch {args.batch}, {args.rounds} interleaved rounds", table=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 from bench_overhead import stage_throughput  # benchmarks/ is the script's own folder
-from recording import record
+from recording import Bench
 
 from cluster.train import param_groups, warmup_cosine
 from models.settings import PretrainObjectiveConfig, ViTSpec
@@ -96,11 +94,8 @@ def bare_pretrain(objective: dict, corpus: str, steps: int | None, seconds: floa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    load = os.getloadavg()[0]
-    began = time.perf_counter()
+    bench = Bench(parser, threads=1)
+    args = bench.args
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -137,12 +132,7 @@ def main() -> None:
         f"LocalMIM + InfoCL (SimCLR + RC), {args.steps} steps: digits linear probe {probes['both']:.3f}",
         f"random-init encoder: digits linear probe {probes['random']:.3f}",
     ]
-    elapsed = time.perf_counter() - began
-    print("\n".join(lines))
-    print(f"{elapsed:.0f} s in all")
-    if args.record:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread per loop, CPU"
-        record(f"{machine}, load average {load:.1f} at start", lines, note=f"{elapsed:.0f} s")
+    bench.report(lines, "1 torch thread per loop", "in all")
 
 
 if __name__ == "__main__":

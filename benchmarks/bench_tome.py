@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 
 import timm
 import torch
-from recording import record
+from recording import Bench, interleaved_args
 from torch import nn
 
 from models.tocom import TokenCompensator, merge_into_weights, plug
@@ -58,14 +56,9 @@ def forward_seconds(model: nn.Module, r: int, images: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per configuration")
-    parser.add_argument("--rounds", type=int, default=8, help="timed forwards per configuration")
-    parser.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
+    interleaved_args(parser, batch=16, warmup=2, rounds=8, unit="forwards per configuration")
+    bench = Bench(parser, threads=2)
+    args = bench.args
 
     torch.manual_seed(0)
     model = apply_tome(timm.create_model("vit_small_patch16_224", pretrained=False).eval(), r=0)
@@ -103,13 +96,9 @@ def main() -> None:
         f"ToCom 0->{TOCOM_R} merged into weights at r={TOCOM_R}: latency {1 / ratio('merged', reference):.3f}x "
         f"without ToCom (goal 1.00)",
     ]
-    elapsed = time.perf_counter() - started
-    print("\n".join(lines))
-    print(f"{args.warmup} warm-up + {args.rounds} timed forwards x {len(configs)} configurations, {elapsed:.0f} s")
-    if args.record:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU"
-        record(f"{machine}, load average {load:.1f} at start", lines,
-               note=f"batch {args.batch}, {args.rounds} interleaved rounds, {elapsed:.0f} s")
+    bench.report(lines, f"{torch.get_num_threads()} torch threads",
+                 f"{args.warmup} warm-up + {args.rounds} timed forwards x {len(configs)} configurations",
+                 note=f"batch {args.batch}, {args.rounds} interleaved rounds")
 
 
 if __name__ == "__main__":
