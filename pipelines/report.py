@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, TextIO
 
-from tasks.finetune.summary import format_table
-from tasks.spec import Committed, Pipeline, Section
+from tasks.spec import Committed, Pipeline, Section, format_table
 from tasks.stages import STAGES
 
 

@@ -111,6 +111,13 @@ class Committed:
     metrics: dict[str, float]
 
 
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under a header and a rule: how summary sections print their tables."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
 @dataclass(frozen=True)
 class Section:
     """A stage's part of the end-of-run summary: text for the console, and what the parent MLflow run records."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from statistics import fmean
 from typing import Annotated
 
 from pydantic import Field
@@ -9,8 +10,7 @@ from pydantic import Field
 from models.settings import PEFT_SETTINGS, TOCOM_SCALES
 from tasks.config import Frozen
 from tasks.finetune.spec import FinetuneNode, downstream_inputs
-from tasks.finetune.summary import format_table, mean
-from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec
+from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec, format_table
 
 
 class EvaluateConfig(Frozen):
@@ -67,7 +67,7 @@ def summary(committed: list[Committed], pipeline: Pipeline) -> Section:
     for e in (d.outputs for d in committed):
         cells = [f"{r.acc_without:.3f}->{r.acc_with:.3f}" for r in e.rows]
         gains = [r.acc_with - r.acc_without for r in e.rows if r.r_tgt != e.r_src]
-        rows.append([e.task, e.method, str(e.r_src), *cells, f"{mean(gains):+.4f}" if gains else "-"])
+        rows.append([e.task, e.method, str(e.r_src), *cells, f"{fmean(gains):+.4f}" if gains else "-"])
     return Section("\ntest accuracy at deployment ToMe degree r (without -> with ToCom)\n"
                    + format_table(header, rows) + "\n")
 

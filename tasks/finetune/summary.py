@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+from statistics import fmean
 from typing import Any
 
-from tasks.spec import Committed, Pipeline, Section
+from tasks.spec import Committed, Pipeline, Section, format_table
 
 Cells = dict[tuple[str, str], float]
 
@@ -19,16 +20,6 @@ def accuracy_table(committed: list[Committed]) -> tuple[list[str], list[str], Ce
     return tasks, methods, cells
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def group_means(committed: list[Committed], groups: dict[str, str | None]) -> dict[str, dict[str, float]]:
     """Per method: the mean over tasks, per task group, and (with groups) the papers' VTAB "mean",
     which averages the group means rather than the tasks."""
@@ -36,12 +27,12 @@ def group_means(committed: list[Committed], groups: dict[str, str | None]) -> di
     out: dict[str, dict[str, float]] = {}
     for m in methods:
         done = [t for t in tasks if (t, m) in cells]
-        row = {"mean": mean([cells[(t, m)] for t in done])}
+        row = {"mean": fmean([cells[(t, m)] for t in done])}
         named = sorted({groups.get(t) for t in done} - {None})
         for g in named:
-            row[g] = mean([cells[(t, m)] for t in done if groups.get(t) == g])
+            row[g] = fmean([cells[(t, m)] for t in done if groups.get(t) == g])
         if len(named) > 1:
-            row["mean_of_groups"] = mean([row[g] for g in named])
+            row["mean_of_groups"] = fmean([row[g] for g in named])
         out[m] = row
     return out
 

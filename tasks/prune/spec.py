@@ -10,8 +10,7 @@ from cluster.config import Resources
 from models.settings import TOCOM_SCALES, Pruner, PruneSettings
 from tasks.config import Frozen, paper_train
 from tasks.finetune.spec import FinetuneNode, downstream_inputs
-from tasks.finetune.summary import format_table
-from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec
+from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec, format_table
 
 UNFIT = ("chance", "slower")  # flags that withhold registration unless register_flagged
 
