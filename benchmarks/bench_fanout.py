@@ -25,12 +25,12 @@ import torch
 import yaml
 from recording import record
 
-from cluster.train import param_groups
-from pipelines.runner import run
-from pipelines.spec import load_config
-from tasks.classification import accuracy, cached_split, classification_loss, flip
-from tasks.finetune.spec import FinetuneNode
-from tasks.finetune.stage import build_model
+from vitpipe.cluster.train import param_groups
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import load_config
+from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip
+from vitpipe.tasks.finetune.spec import FinetuneNode
+from vitpipe.tasks.finetune.stage import build_model
 
 METHODS = ("linear", "bitfit", "lora", "adaptformer", "fact_tt", "fact_tk", "vpt", "full")
 BATCH = 32

@@ -26,11 +26,11 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.pretrain_objectives import PretrainObjective
-from models.settings import PretrainObjectiveConfig
-from models.tocom import TokenCompensator, merge_into_weights, plug
-from models.tome import apply_tome, set_tome_r
-from models.vit import build_vit
+from vitpipe.models.pretrain_objectives import PretrainObjective
+from vitpipe.models.settings import PretrainObjectiveConfig
+from vitpipe.models.tocom import TokenCompensator, merge_into_weights, plug
+from vitpipe.models.tome import apply_tome, set_tome_r
+from vitpipe.models.vit import build_vit
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -21,12 +21,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from recording import record
 
-from cluster.train import param_groups
-from pipelines.runner import run
-from pipelines.spec import load_config
-from tasks.classification import cached_split, classification_loss, flip
-from tasks.finetune.spec import FinetuneNode
-from tasks.finetune.stage import build_model
+from vitpipe.cluster.train import param_groups
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import load_config
+from vitpipe.tasks.classification import cached_split, classification_loss, flip
+from vitpipe.tasks.finetune.spec import FinetuneNode
+from vitpipe.tasks.finetune.stage import build_model
 
 
 def pipeline_config(work: Path, steps: int) -> Path:

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from recording import Bench, interleaved_args
 from torch import nn
 
-from models.peft import PEFT_METHODS, PeftMethod
-from models.vit import build_vit
+from vitpipe.models.peft import PEFT_METHODS, PeftMethod
+from vitpipe.models.vit import build_vit
 
 MIB = 2**20
 ARCH = dict(arch="vitpipe_tiny_patch4_32", num_classes=10, embed_dim=192, depth=6, num_heads=3)

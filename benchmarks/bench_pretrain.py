@@ -27,14 +27,14 @@ import yaml
 from bench_overhead import stage_throughput  # benchmarks/ is the script's own folder
 from recording import Bench
 
-from cluster.train import param_groups, warmup_cosine
-from models.settings import PretrainObjectiveConfig, ViTSpec
-from pipelines.runner import run
-from pipelines.spec import load_config
-from tasks.classification import cached_split
-from tasks.data import prepare
-from tasks.pretrain.spec import PretrainNode
-from tasks.pretrain.stage import PretrainModel, linear_probe, two_views
+from vitpipe.cluster.train import param_groups, warmup_cosine
+from vitpipe.models.settings import PretrainObjectiveConfig, ViTSpec
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import load_config
+from vitpipe.tasks.classification import cached_split
+from vitpipe.tasks.data import prepare
+from vitpipe.tasks.pretrain.spec import PretrainNode
+from vitpipe.tasks.pretrain.stage import PretrainModel, linear_probe, two_views
 
 BACKBONE = {"arch": "vitpipe_tiny_patch4_32", "img_size": 32}
 TRAIN = {"batch_size": 64, "lr": 0.001, "betas": [0.9, 0.95], "weight_decay": 0.05, "warmup_steps": 15,

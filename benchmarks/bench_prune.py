@@ -26,18 +26,18 @@ import torch
 from recording import record
 from torch import nn
 
-from cluster.config import TrainConfig
-from cluster.train import warmup_cosine
-from models.heads import fold_whitening
-from models.prune import PRUNERS, count_flops, count_params, merge_tocom_pruned
-from models.settings import PruneSettings
-from models.tocom import TokenCompensator
-from models.tome import apply_tome
-from models.vit import build_vit
-from tasks.classification import accuracy, cached_split, classification_loss, flip
-from tasks.distill.stage import SelfDistillation, distill_loss, sample_pair
-from tasks.prepare.spec import DataNode, DataOutputs
-from tasks.prune.stage import cpu_speed, reprobe
+from vitpipe.cluster.config import TrainConfig
+from vitpipe.cluster.train import warmup_cosine
+from vitpipe.models.heads import fold_whitening
+from vitpipe.models.prune import PRUNERS, count_flops, count_params, merge_tocom_pruned
+from vitpipe.models.settings import PruneSettings
+from vitpipe.models.tocom import TokenCompensator
+from vitpipe.models.tome import apply_tome
+from vitpipe.models.vit import build_vit
+from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip
+from vitpipe.tasks.distill.stage import SelfDistillation, distill_loss, sample_pair
+from vitpipe.tasks.prepare.spec import DataNode, DataOutputs
+from vitpipe.tasks.prune.stage import cpu_speed, reprobe
 
 KEEP_RATIOS = (1.0, 0.75, 0.5)
 SCALES = (0.05, 0.08, 0.1, 0.12, 0.15)
@@ -71,8 +71,8 @@ def labelled(x: torch.Tensor, y: torch.Tensor) -> Callable:
 
 def digits_uri(work: Path) -> str:
     """The digits dataset written by the data stage into a throw-away store."""
-    from cluster.store import LocalStore
-    from pipelines.execute import run_stage
+    from vitpipe.cluster.store import LocalStore
+    from vitpipe.pipelines.execute import run_stage
 
     manifest = run_stage("data", "digits", DataNode(source="digits"), {}, LocalStore(str(work / "store")),
                          train_storage=str(work / "ray"))

@@ -25,8 +25,8 @@ import torch
 from recording import Bench, interleaved_args
 from torch import nn
 
-from models.tocom import TokenCompensator, merge_into_weights, plug
-from models.tome import apply_tome, set_tome_r
+from vitpipe.models.tocom import TokenCompensator, merge_into_weights, plug
+from vitpipe.models.tome import apply_tome, set_tome_r
 
 R_VALUES = (0, 4, 8, 13, 16)
 TOCOM_R = 13

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cluster.fs import arrow_filesystem
-from cluster.manifest import FileEntry
-from cluster.retry import DEFAULT_RETRY, RetryPolicy
+from vitpipe.cluster.fs import arrow_filesystem
+from vitpipe.cluster.manifest import FileEntry
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy
 
 log = logging.getLogger("vitpipe.train")
 

@@ -10,11 +10,11 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from cluster.config import Resources, TrainConfig
-from cluster.manifest import StageWriter, canonical_json
-from cluster.store import ArtifactStore
-from cluster.tracking import StepLogger, Tracker
-from cluster.train import Recipe, TrainJob, fit, trainable_state
+from vitpipe.cluster.config import Resources, TrainConfig
+from vitpipe.cluster.manifest import StageWriter, canonical_json
+from vitpipe.cluster.store import ArtifactStore
+from vitpipe.cluster.tracking import StepLogger, Tracker
+from vitpipe.cluster.train import Recipe, TrainJob, fit, trainable_state
 
 
 @dataclass(frozen=True)

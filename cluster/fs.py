@@ -7,7 +7,7 @@ import re
 
 import pyarrow.fs as pafs
 
-from cluster.retry import DEFAULT_RETRY, RetryPolicy
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy
 
 _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]*@")
 

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from cluster.manifest import MANIFEST_NAME, Manifest, load_manifest, stage_prefix
-from cluster.store import ArtifactStore, StoreError, clean_key
+from vitpipe.cluster.manifest import MANIFEST_NAME, Manifest, load_manifest, stage_prefix
+from vitpipe.cluster.store import ArtifactStore, StoreError, clean_key
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cluster.store import ArtifactStore, StoreError, clean_key
+from vitpipe.cluster.store import ArtifactStore, StoreError, clean_key
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import uuid
 
 import pyarrow as pa
 
-from cluster.fs import arrow_filesystem, is_s3
-from cluster.retry import RetryPolicy
-from cluster.store import ArtifactStore, StoreError, StoreUnavailable, check_writable
-from cluster.tracking import Tracker, TrackingError
+from vitpipe.cluster.fs import arrow_filesystem, is_s3
+from vitpipe.cluster.retry import RetryPolicy
+from vitpipe.cluster.store import ArtifactStore, StoreError, StoreUnavailable, check_writable
+from vitpipe.cluster.tracking import Tracker, TrackingError
 
 
 def preflight(store: ArtifactStore, tracker: Tracker, train_storage: str, retry: RetryPolicy) -> None:

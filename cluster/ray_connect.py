@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import ray
 
-from cluster.progress import ProgressBoard
+from vitpipe.cluster.progress import ProgressBoard
 
 RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 LOCAL_RAY_TRAIN_POLL_S = "0.2"

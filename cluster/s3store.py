@@ -10,8 +10,8 @@ from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from cluster.retry import DEFAULT_RETRY, RetryPolicy
-from cluster.store import ArtifactStore, StoreError, StoreUnavailable, _clean_prefix, clean_key
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy
+from vitpipe.cluster.store import ArtifactStore, StoreError, StoreUnavailable, _clean_prefix, clean_key
 
 _S3_DELETE_BATCH = 1000
 _S3_ERRORS = (ClientError, BotoCoreError)

@@ -25,7 +25,7 @@ class TaskClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from models.deploy import load
+        from vitpipe.models.deploy import load
 
         folder = Path(context.artifacts[MODEL])
         self.model = load(folder)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import pyarrow.fs as pafs
 import torch
 
-from cluster.fs import arrow_filesystem, is_s3
+from vitpipe.cluster.fs import arrow_filesystem, is_s3
 
 log = logging.getLogger("vitpipe.train")
 

@@ -13,8 +13,8 @@ import shutil
 import tempfile
 import uuid
 
-from cluster.fs import is_s3
-from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
+from vitpipe.cluster.fs import is_s3
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
 
 # Temporary files of in-flight local writes start with this; keys may not, so list() can skip them.
 _TMP_PREFIX = ".vitpipe-tmp-"
@@ -228,7 +228,7 @@ def open_store(uri: str, retry: RetryPolicy = DEFAULT_RETRY, create: bool = True
     """`s3://bucket/prefix` -> S3Store; a local path -> LocalStore (directory created if missing, unless
     `create` is False: read-only commands create nothing)."""
     if is_s3(uri):
-        from cluster.s3store import S3Store  # boto3 only where S3 is used
+        from vitpipe.cluster.s3store import S3Store  # boto3 only where S3 is used
 
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         return S3Store(bucket, prefix, retry=retry)

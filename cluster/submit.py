@@ -1,9 +1,10 @@
 """Submit a pipeline to a Ray cluster as a Ray Job, and follow it (status, logs).
 
-The job's working_dir is a copy of the project (without .venv, work dirs, caches and .git) plus the
-pipeline YAML and a stamp of the git commit, so the job computes the same stage keys as a local
-`vitpipe plan` of the same checkout. Its entrypoint is `python -m pipelines.cli run ...`, i.e. the
-shipped code, never an older vitpipe installed on the nodes. The runtime environment is either the
+The job's working_dir holds a copy of the project as `vitpipe/` (without .venv, work dirs, caches and .git; with
+a stamp of the git commit, so the job computes the same stage keys as a local `vitpipe plan` of the same
+checkout) and the pipeline YAML in `vitpipe-job/`. Its entrypoint is `python -m vitpipe.pipelines.cli run ...`
+in the working_dir, which Ray puts first on the job's and its workers' sys.path: the shipped code, never an older
+vitpipe installed on the nodes. The runtime environment is either the
 nodes' own ("image": ray_cluster.yaml's setup_commands or a Docker image installed vitpipe's
 dependencies) or a per-job virtualenv that Ray builds from vitpipe's dependencies ("pip").
 """
@@ -26,10 +27,11 @@ from typing import Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict
 
-from cluster.fs import is_s3
-from cluster.provenance import COMMIT_STAMP, PACKAGE_ROOT
+from vitpipe.cluster.fs import is_s3
+from vitpipe.cluster.provenance import COMMIT_STAMP, PACKAGE_ROOT
 
 JOB_DIR = "vitpipe-job"  # inside the shipped working_dir: the pipeline YAML
+PROJECT_DIR = "vitpipe"  # inside the shipped working_dir: the project, importable as the vitpipe namespace
 DEFAULT_EXCLUDES = (".git", ".venv", "venv", "vitpipe-work", "__pycache__", "*.pyc", "*.egg-info",
                     ".pytest_cache", ".ruff_cache", ".mypy_cache", "mlruns", "build", "dist")
 # Not secret, and what a job needs to find the same S3 endpoint and MLflow server as the submitter.
@@ -76,7 +78,7 @@ def job_spec(config_name: str, pipeline: str, overrides: tuple[str, ...], cfg: S
     if missing:
         raise SubmitError(f"--env {missing[0]}: not set in this environment")
     names = tuple(dict.fromkeys(n for n in (*cfg.env, *extra_env) if n in environ))
-    args = ["python", "-m", "pipelines.cli", "run", f"{JOB_DIR}/{config_name}", "--address", "auto"]
+    args = ["python", "-m", "vitpipe.pipelines.cli", "run", f"{JOB_DIR}/{config_name}", "--address", "auto"]
     for assignment in overrides:
         args += ["--set", assignment]
     runtime_env: dict = {"env_vars": {n: environ[n] for n in names}}
@@ -120,17 +122,18 @@ def _canonical(name: str) -> str:
 
 @contextmanager
 def staged_project(root: Path, config: Path, commit: str | None, excludes: tuple[str, ...]) -> Iterator[Path]:
-    """A temporary copy of the project to ship as working_dir, with the YAML and the commit stamp."""
+    """A temporary working_dir to ship: the project as PROJECT_DIR (with the commit stamp), the YAML in JOB_DIR."""
     if not (root / "pyproject.toml").is_file():
         raise SubmitError(f"{root}: not a vitpipe source checkout (no pyproject.toml); vitpipe submit ships "
                           "the project's source, so run it from a checkout installed with pip install -e .")
     with tempfile.TemporaryDirectory(prefix="vitpipe-submit-") as tmp:
-        stage = Path(tmp) / "project"
-        shutil.copytree(root, stage, ignore=shutil.ignore_patterns(*DEFAULT_EXCLUDES, *excludes), symlinks=True)
-        (stage / JOB_DIR).mkdir(exist_ok=True)
+        stage = Path(tmp) / "job"
+        project = stage / PROJECT_DIR
+        shutil.copytree(root, project, ignore=shutil.ignore_patterns(*DEFAULT_EXCLUDES, *excludes), symlinks=True)
+        (stage / JOB_DIR).mkdir()
         shutil.copyfile(config, stage / JOB_DIR / config.name)
         if commit:
-            (stage / COMMIT_STAMP).write_text(commit + "\n")
+            (project / COMMIT_STAMP).write_text(commit + "\n")
         yield stage
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cluster.fs import redact
-from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError, disk_full
-from cluster.store import StoreError, clean_key
+from vitpipe.cluster.fs import redact
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError, disk_full
+from vitpipe.cluster.store import StoreError, clean_key
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class Tracker:
 
 def save_pyfunc(exported: str, target: str, example: Any) -> None:
     """The pyfunc model of an exported task model folder (models.deploy), written to `target`: the folder as its
-    artifact, the `models` package as code, cluster/serving.py as the model's code (no pickle), a signature
+    artifact, the `vitpipe.models` package as code, cluster/serving.py as the model's code (no pickle), a signature
     inferred from `example` (uint8 images) and the output columns, and the packages that load it."""
     import mlflow.pyfunc
     import pandas as pd
@@ -237,9 +238,13 @@ def save_pyfunc(exported: str, target: str, example: Any) -> None:
     outputs = pd.DataFrame({"label": [classes[0]], "probability": [1.0], **{f"p_{c}": [0.0] for c in classes}})
     root = Path(__file__).resolve().parents[1]
     requirements = [f"{p}=={version(p)}" for p in ("torch", "timm", "safetensors", "numpy", "pandas")]
-    mlflow.pyfunc.save_model(target, python_model=str(root / "cluster" / "serving.py"), artifacts={"model": exported},
-                             code_paths=[str(root / "models")], signature=infer_signature(example, outputs),
-                             input_example=example, pip_requirements=requirements)
+    with tempfile.TemporaryDirectory() as code:  # the model's code/ gets vitpipe/models: `vitpipe.models` imports
+        shutil.copytree(root / "models", Path(code) / "vitpipe" / "models",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        mlflow.pyfunc.save_model(target, python_model=str(root / "cluster" / "serving.py"),
+                                 artifacts={"model": exported}, code_paths=[str(Path(code) / "vitpipe")],
+                                 signature=infer_signature(example, outputs), input_example=example,
+                                 pip_requirements=requirements)
 
 
 # The UI opens a model-training experiment in its training view (not the GenAI one) and shows the description.

@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cluster.batches import DataContext
-from cluster.checkpoints import CheckpointError, verify_checkpoint, write_digests
-from cluster.config import Resources, TrainConfig
-from cluster.sessions import LocalSession, Session, one_rank_world
+from vitpipe.cluster.batches import DataContext
+from vitpipe.cluster.checkpoints import CheckpointError, verify_checkpoint, write_digests
+from vitpipe.cluster.config import Resources, TrainConfig
+from vitpipe.cluster.sessions import LocalSession, Session, one_rank_world
 
 log = logging.getLogger("vitpipe.train")
 
@@ -133,7 +133,7 @@ def _all_mean(value: float, device: torch.device) -> float:
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker; see `fit`."""
-    from cluster.sessions import RayTrainSession
+    from vitpipe.cluster.sessions import RayTrainSession
 
     train_loop(config["job"], RayTrainSession())
 

@@ -28,10 +28,10 @@ from safetensors import SafetensorError
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from cluster.fs import is_s3
-from cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
-from models.settings import ViTSpec
-from models.weights import (
+from vitpipe.cluster.fs import is_s3
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.weights import (
     TimmWeights,
     WeightsError,
     WeightsReport,

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from models.settings import InfoCLConfig
+from vitpipe.models.settings import InfoCLConfig
 
 
 class _GatherWithGrad(torch.autograd.Function):

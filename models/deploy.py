@@ -21,7 +21,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.tome import apply_tome, tome_r
+from vitpipe.models.tome import apply_tome, tome_r
 
 FORMAT = "vitpipe.deploy.v1"
 WEIGHTS, CONFIG = "model.safetensors", "model.json"
@@ -116,7 +116,7 @@ def load(path: str | os.PathLike) -> VisionTransformer:
     state = {k: v for k, v in state.items() if not k.startswith(PEFT_PREFIX)}
     method = None
     if "peft" in config:
-        from models.peft import PEFT_METHODS  # only for a model that kept an unmergeable branch
+        from vitpipe.models.peft import PEFT_METHODS  # only for a model that kept an unmergeable branch
 
         method = PEFT_METHODS[config["peft"]["name"]]
         model = method.apply(model, config["peft"]["config"])

@@ -17,8 +17,8 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from models.hog import hog_targets
-from models.settings import LocalMIMConfig
+from vitpipe.models.hog import hog_targets
+from vitpipe.models.settings import LocalMIMConfig
 
 
 def resolve_taps(taps: tuple[int, ...], depth: int) -> list[int]:

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from models.contrastive import InfoCL
-from models.mim import LocalMIM
-from models.settings import PretrainObjectiveConfig
+from vitpipe.models.contrastive import InfoCL
+from vitpipe.models.mim import LocalMIM
+from vitpipe.models.settings import PretrainObjectiveConfig
 
 # Each objective is built as cls(vit, cfg) and called as obj(vit, *views[: cls.num_views]).
 PRETRAIN_OBJECTIVES: dict[str, type[nn.Module]] = {"localmim": LocalMIM, "infocl": InfoCL}

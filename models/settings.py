@@ -40,7 +40,7 @@ class ViTSpec(BaseModel):
                                        "pipeline is planned (part of every downstream key), or pinned here")
 
     def build(self, num_classes: int = 0) -> VisionTransformer:
-        from models.vit import build_vit
+        from vitpipe.models.vit import build_vit
 
         return build_vit(self.arch, num_classes=num_classes, img_size=self.img_size, **self.overrides)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from cluster.fs import redact
-from cluster.manifest import load_manifest, verify_manifest
-from cluster.store import StoreNotFound, open_store
+from vitpipe.cluster.fs import redact
+from vitpipe.cluster.manifest import load_manifest, verify_manifest
+from vitpipe.cluster.store import StoreNotFound, open_store
 
 
 class AuditError(Exception):

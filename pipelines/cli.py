@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from pipelines.spec import load_config
+    from vitpipe.pipelines.spec import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "address", None):
@@ -94,8 +94,8 @@ def _environment_defaults(cfg):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)  # a bad config fails here, before the heavy imports (torch, Ray, MLflow)
-    from cluster.fs import redact
-    from pipelines.dag import plan
+    from vitpipe.cluster.fs import redact
+    from vitpipe.pipelines.dag import plan
 
     rows = plan(cfg)
     store = cfg.store_uri if "://" in cfg.store_uri else os.path.abspath(cfg.store_uri)
@@ -110,9 +110,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)  # a bad config fails here, before the heavy imports (torch, Ray, MLflow)
-    from cluster.fs import redact
-    from pipelines.runner import run
-    from pipelines.spec import load_config
+    from vitpipe.cluster.fs import redact
+    from vitpipe.pipelines.runner import run
+    from vitpipe.pipelines.spec import load_config
 
     summary = run(cfg)
     # audit's default tracking URI is the default config's; name this run's when it is another one
@@ -122,9 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.provenance import PACKAGE_ROOT, git_commit
-    from cluster.submit import cluster_warnings, connect, job_spec, staged_project, submit
-    from pipelines.spec import load_config
+    from vitpipe.cluster.provenance import PACKAGE_ROOT, git_commit
+    from vitpipe.cluster.submit import cluster_warnings, connect, job_spec, staged_project, submit
+    from vitpipe.pipelines.spec import load_config
 
     cfg = _environment_defaults(load_config(args.config, tuple(args.overrides)))  # fails here, not on the cluster
     settings = cfg.submit.model_copy(update={"runtime_env": args.runtime_env or cfg.submit.runtime_env})
@@ -147,7 +147,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _follow(client, job_id: str, hint: str) -> int:
     """Stream a job's output until it ends; 0 if it succeeded, 1 if it failed or was stopped."""
-    from cluster.submit import print_logs, wait_until_done
+    from vitpipe.cluster.submit import print_logs, wait_until_done
 
     try:
         print_logs(client, job_id, sys.stdout, follow=True)
@@ -164,7 +164,7 @@ def _follow(client, job_id: str, hint: str) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from cluster.submit import connect, job_info, list_jobs
+    from vitpipe.cluster.submit import connect, job_info, list_jobs
 
     def when(ms: int | None) -> str:
         return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
@@ -191,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from cluster.submit import connect, print_logs
+    from vitpipe.cluster.submit import connect, print_logs
 
     client = connect(args.address)
     if args.follow:
@@ -201,8 +201,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pipelines.audit import audit, format_audit
-    from pipelines.spec import load_config
+    from vitpipe.pipelines.audit import audit, format_audit
+    from vitpipe.pipelines.spec import load_config
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or load_config(DEFAULT_CONFIG).tracking
     tags, rows, store = audit(args.run_id, uri, args.store)
@@ -211,10 +211,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from tasks.data import DataError, prepare, resolve_source
+    from vitpipe.tasks.data import DataError, prepare, resolve_source
 
     if args.data_command == "imagefolder":
-        from tasks.data.bundled import write_imagefolder
+        from vitpipe.tasks.data.bundled import write_imagefolder
 
         data = resolve_source(args.source)(args.seed)
         if not data.classes:
@@ -235,9 +235,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
     """Counts of matched/missing/unexpected/... keys and the sha256; exit 1 when the weights do not fit."""
     import timm
 
-    from cluster.weights import read_weights_source
-    from models.vit import build_vit
-    from models.weights import WeightsError, adapt_state_dict
+    from vitpipe.cluster.weights import read_weights_source
+    from vitpipe.models.vit import build_vit
+    from vitpipe.models.weights import WeightsError, adapt_state_dict
 
     if not timm.is_model(args.arch):
         raise WeightsError(f"--arch {args.arch}: not a timm model name")
@@ -258,7 +258,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_peft_table(args: argparse.Namespace) -> int:
     import json
 
-    from models.peft.table import peft_table
+    from vitpipe.models.peft.table import peft_table
 
     rows = peft_table(args.arch)
     if args.json:
@@ -272,9 +272,10 @@ def cmd_peft_table(args: argparse.Namespace) -> int:
 
 
 # Errors that mean bad input or an unreachable service: one line on stderr and exit code 2, no traceback.
-DOMAIN_ERRORS = (("cluster.store", "StoreError"), ("cluster.retry", "DiskFull"), ("cluster.submit", "SubmitError"),
-                 ("cluster.tracking", "TrackingError"), ("pipelines.audit", "AuditError"),
-                 ("pipelines.spec", "ConfigError"), ("tasks.data", "DataError"), ("models.weights", "WeightsError"))
+DOMAIN_ERRORS = tuple((f"vitpipe.{module}", name) for module, name in (
+    ("cluster.store", "StoreError"), ("cluster.retry", "DiskFull"), ("cluster.submit", "SubmitError"),
+    ("cluster.tracking", "TrackingError"), ("pipelines.audit", "AuditError"), ("pipelines.spec", "ConfigError"),
+    ("tasks.data", "DataError"), ("models.weights", "WeightsError")))
 
 
 def _is_domain_error(err: Exception) -> bool:

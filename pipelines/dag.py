@@ -11,10 +11,10 @@ import hashlib
 import json
 from typing import Any
 
-from models.settings import ViTSpec
-from pipelines.spec import ConfigError, PipelineConfig
-from tasks.spec import Node, Plan, PlanError
-from tasks.stages import STAGES
+from vitpipe.models.settings import ViTSpec
+from vitpipe.pipelines.spec import ConfigError, PipelineConfig
+from vitpipe.tasks.spec import Node, Plan, PlanError
+from vitpipe.tasks.stages import STAGES
 
 
 def planned_backbone(spec: ViTSpec) -> ViTSpec:
@@ -22,8 +22,8 @@ def planned_backbone(spec: ViTSpec) -> ViTSpec:
     that the file no longer has, or weights that cannot be read, fail here with the config path."""
     if spec.weights is None:
         return spec
-    from cluster.weights import weights_digest
-    from models.weights import WeightsError
+    from vitpipe.cluster.weights import weights_digest
+    from vitpipe.models.weights import WeightsError
 
     try:
         sha = weights_digest(spec.weights)
@@ -75,9 +75,9 @@ def plan(cfg: PipelineConfig) -> list[tuple[Node, str, str]]:
     """(node, key, "cached" | "pending") in topological order; runs nothing and creates nothing (a store that
     does not exist yet has nothing cached)."""
     nodes = build_dag(cfg)
-    from cluster.manifest import load_manifest
-    from cluster.provenance import code_version
-    from cluster.store import StoreNotFound, open_store
+    from vitpipe.cluster.manifest import load_manifest
+    from vitpipe.cluster.provenance import code_version
+    from vitpipe.cluster.store import StoreNotFound, open_store
 
     try:
         store = open_store(cfg.store_uri, cfg.retry, create=False)

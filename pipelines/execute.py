@@ -12,15 +12,15 @@ from typing import Any
 
 import ray
 
-from cluster.checkpoints import discard_train_run
-from cluster.context import StageContext
-from cluster.lease import claim_stage
-from cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
-from cluster.retry import DEFAULT_RETRY, RetryPolicy
-from cluster.store import ArtifactStore, open_store
-from cluster.tracking import Tracker
-from tasks.spec import Node
-from tasks.stages import STAGES
+from vitpipe.cluster.checkpoints import discard_train_run
+from vitpipe.cluster.context import StageContext
+from vitpipe.cluster.lease import claim_stage
+from vitpipe.cluster.manifest import Manifest, StageWriter, canonical_json, load_manifest
+from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy
+from vitpipe.cluster.store import ArtifactStore, open_store
+from vitpipe.cluster.tracking import Tracker
+from vitpipe.tasks.spec import Node
+from vitpipe.tasks.stages import STAGES
 
 
 def run_stage(kind: str, key: str, cfg: Any, inputs: dict[str, Manifest], store: ArtifactStore, *,

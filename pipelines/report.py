@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, TextIO
 
-from tasks.spec import Committed, Pipeline, Section, format_table
-from tasks.stages import STAGES
+from vitpipe.tasks.spec import Committed, Pipeline, Section, format_table
+from vitpipe.tasks.stages import STAGES
 
 
 def committed(outcomes: list[Any], kind: str) -> list[Committed]:

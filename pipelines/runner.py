@@ -22,23 +22,23 @@ from typing import Any, TextIO
 
 import ray
 
-from cluster.fs import is_s3
-from cluster.lease import process_gone, this_process
-from cluster.manifest import Manifest, load_manifest
-from cluster.preflight import preflight
-from cluster.progress import ConsoleProgress
-from cluster.provenance import PACKAGE_ROOT, code_version, git_commit
-from cluster.ray_connect import connect_ray, progress_board
-from cluster.retry import DiskFull, TransientError, disk_full, task_retry_options
-from cluster.store import ArtifactStore, open_store
-from cluster.tracking import Tracker, flatten
-from pipelines.dag import build_dag, stage_keys
-from pipelines.execute import NodeEnv, execute_node
-from pipelines.report import print_summary, stage_sections, summary_artifacts
-from pipelines.spec import PipelineConfig
-from tasks.prepare.spec import DataOutputs
-from tasks.spec import Node
-from tasks.stages import STAGES
+from vitpipe.cluster.fs import is_s3
+from vitpipe.cluster.lease import process_gone, this_process
+from vitpipe.cluster.manifest import Manifest, load_manifest
+from vitpipe.cluster.preflight import preflight
+from vitpipe.cluster.progress import ConsoleProgress
+from vitpipe.cluster.provenance import PACKAGE_ROOT, code_version, git_commit
+from vitpipe.cluster.ray_connect import connect_ray, progress_board
+from vitpipe.cluster.retry import DiskFull, TransientError, disk_full, task_retry_options
+from vitpipe.cluster.store import ArtifactStore, open_store
+from vitpipe.cluster.tracking import Tracker, flatten
+from vitpipe.pipelines.dag import build_dag, stage_keys
+from vitpipe.pipelines.execute import NodeEnv, execute_node
+from vitpipe.pipelines.report import print_summary, stage_sections, summary_artifacts
+from vitpipe.pipelines.spec import PipelineConfig
+from vitpipe.tasks.prepare.spec import DataOutputs
+from vitpipe.tasks.spec import Node
+from vitpipe.tasks.stages import STAGES
 
 DRIVER_TAG = "vitpipe.driver"  # the process that runs a pipeline: {"host", "pidns", "pid"} (cluster.lease)
 

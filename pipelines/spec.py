@@ -9,12 +9,12 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from cluster.retry import RetryPolicy
-from cluster.submit import SubmitConfig
-from models.settings import ViTSpec
-from tasks.config import Frozen
-from tasks.prepare.spec import DatasetSpec
-from tasks.stages import STAGES
+from vitpipe.cluster.retry import RetryPolicy
+from vitpipe.cluster.submit import SubmitConfig
+from vitpipe.models.settings import ViTSpec
+from vitpipe.tasks.config import Frozen
+from vitpipe.tasks.prepare.spec import DatasetSpec
+from vitpipe.tasks.stages import STAGES
 
 
 class ConfigError(Exception):

@@ -10,7 +10,7 @@ import math
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from tasks.classification import normalize
+from vitpipe.tasks.classification import normalize
 
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cluster.manifest import Manifest, read_weights
-from cluster.store import ArtifactStore
-from cluster.weights import read_weights_source
-from models.settings import ViTSpec
-from models.weights import WeightsError, WeightsReport, load_into
+from vitpipe.cluster.manifest import Manifest, read_weights
+from vitpipe.cluster.store import ArtifactStore
+from vitpipe.cluster.weights import read_weights_source
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.weights import WeightsError, WeightsReport, load_into
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import functools
 import torch
 from torch import nn
 
-from models.heads import probe_head
-from tasks.data import load_split
+from vitpipe.models.heads import probe_head
+from vitpipe.tasks.data import load_split
 
 
 @functools.lru_cache(maxsize=8)

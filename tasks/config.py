@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from cluster.config import TrainConfig
+from vitpipe.cluster.config import TrainConfig
 
 
 class Frozen(BaseModel):

@@ -15,8 +15,8 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from cluster.config import Resources
-from tasks.config import Frozen
+from vitpipe.cluster.config import Resources
+from vitpipe.tasks.config import Frozen
 
 
 class PlanError(ValueError):

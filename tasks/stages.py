@@ -5,12 +5,12 @@ Adding a stage: its package tasks/<stage>/ (spec.py declares it, stage.py runs i
 
 from __future__ import annotations
 
-from tasks.distill.spec import SPEC as DISTILL
-from tasks.evaluate.spec import SPEC as EVALUATE
-from tasks.finetune.spec import SPEC as FINETUNE
-from tasks.prepare.spec import SPEC as DATA
-from tasks.pretrain.spec import SPEC as PRETRAIN
-from tasks.prune.spec import SPEC as PRUNE
-from tasks.spec import StageSpec
+from vitpipe.tasks.distill.spec import SPEC as DISTILL
+from vitpipe.tasks.evaluate.spec import SPEC as EVALUATE
+from vitpipe.tasks.finetune.spec import SPEC as FINETUNE
+from vitpipe.tasks.prepare.spec import SPEC as DATA
+from vitpipe.tasks.pretrain.spec import SPEC as PRETRAIN
+from vitpipe.tasks.prune.spec import SPEC as PRUNE
+from vitpipe.tasks.spec import StageSpec
 
 STAGES: dict[str, StageSpec] = {spec.kind: spec for spec in (DATA, PRETRAIN, DISTILL, FINETUNE, EVALUATE, PRUNE)}

@@ -15,7 +15,7 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
-from cluster.ray_connect import LOCAL_RAY_TRAIN_POLL_S, RAY_TRAIN_POLL_ENV
+from vitpipe.cluster.ray_connect import LOCAL_RAY_TRAIN_POLL_S, RAY_TRAIN_POLL_ENV
 
 # Every Ray the tests start (in-process, `ray start`, a CLI subprocess) polls Ray Train workers as the
 # runner's local Ray does, not every 2 s: the tests run dozens of short training stages.
@@ -65,7 +65,7 @@ def seeded_encoder(store, spec, seed: int = 7):
     """A "pretrained" encoder: the backbone's seeded random init, committed as a pretrain stage's output."""
     import torch
 
-    from cluster.manifest import StageWriter
+    from vitpipe.cluster.manifest import StageWriter
 
     torch.manual_seed(seed)
     writer = StageWriter(store, "pretrain", "seeded")
@@ -76,7 +76,7 @@ def seeded_encoder(store, spec, seed: int = 7):
 def run_stage(store, tmp: Path, kind: str, key: str, cfg, inputs, tracker=None, seed: int = 0):
     """Run a stage the way the runner does (pipelines.execute.run_stage), with an MLflow child run when `tracker`
     is given. Returns the manifest."""
-    from pipelines.execute import run_stage as run
+    from vitpipe.pipelines.execute import run_stage as run
 
     run_id = tracker.start_run(key, {"vitpipe.stage.kind": kind}) if tracker else None
     return run(kind, key, cfg, inputs, store, train_storage=str(tmp / "ray"), seed=seed, tracker=tracker,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipelines.spec import load_config
+from vitpipe.pipelines.spec import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

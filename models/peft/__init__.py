@@ -13,18 +13,18 @@ one line in models/settings.py::PEFT_SETTINGS (torch-free, so that pipeline conf
 
 from __future__ import annotations
 
-from models.peft.adaptformer import AdaptFormer
-from models.peft.base import PeftError, PeftMethod
-from models.peft.bi_adapter import BiAdapter
-from models.peft.bitfit import BitFit
-from models.peft.consolidator import Consolidator
-from models.peft.convpass import Convpass
-from models.peft.fact import FacTTK, FacTTT
-from models.peft.full import FullFinetune
-from models.peft.linear import LinearProbe
-from models.peft.lora import Lora
-from models.peft.vpt import Vpt
-from models.settings import PeftConfig
+from vitpipe.models.peft.adaptformer import AdaptFormer
+from vitpipe.models.peft.base import PeftError, PeftMethod
+from vitpipe.models.peft.bi_adapter import BiAdapter
+from vitpipe.models.peft.bitfit import BitFit
+from vitpipe.models.peft.consolidator import Consolidator
+from vitpipe.models.peft.convpass import Convpass
+from vitpipe.models.peft.fact import FacTTK, FacTTT
+from vitpipe.models.peft.full import FullFinetune
+from vitpipe.models.peft.linear import LinearProbe
+from vitpipe.models.peft.lora import Lora
+from vitpipe.models.peft.vpt import Vpt
+from vitpipe.models.settings import PeftConfig
 
 PEFT_METHODS: dict[str, PeftMethod] = {
     "linear": LinearProbe(),

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.settings import PEFT_SETTINGS, PeftConfig
+from vitpipe.models.settings import PEFT_SETTINGS, PeftConfig
 
 
 class PeftError(ValueError):

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.adaptformer import Adapter, add_parallel_adapters
-from models.peft.base import PeftError, PeftMethod, copy_into
-from models.settings import BiAdapterSettings
+from vitpipe.models.peft.adaptformer import Adapter, add_parallel_adapters
+from vitpipe.models.peft.base import PeftError, PeftMethod, copy_into
+from vitpipe.models.settings import BiAdapterSettings
 
 
 def _centroids(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

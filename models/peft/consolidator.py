@@ -22,8 +22,8 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftMethod, add_branch, encoder_linears, unbranch_all
-from models.settings import ConsolidatorSettings
+from vitpipe.models.peft.base import PeftMethod, add_branch, encoder_linears, unbranch_all
+from vitpipe.models.settings import ConsolidatorSettings
 
 
 def channel_shuffle(width: int, groups: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftMethod, swap_class
-from models.settings import ConvpassSettings
+from vitpipe.models.peft.base import PeftMethod, swap_class
+from vitpipe.models.settings import ConvpassSettings
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

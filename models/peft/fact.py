@@ -22,8 +22,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftError, PeftMethod, add_branch, unbranch_all
-from models.settings import FacTSettings
+from vitpipe.models.peft.base import PeftError, PeftMethod, add_branch, unbranch_all
+from vitpipe.models.settings import FacTSettings
 
 
 def _uniform(shape: tuple[int, ...], bound: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from models.peft.base import PeftMethod
+from vitpipe.models.peft.base import PeftMethod
 
 
 class FullFinetune(PeftMethod):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from models.peft.base import PeftMethod
+from vitpipe.models.peft.base import PeftMethod
 
 
 class LinearProbe(PeftMethod):

@@ -21,8 +21,8 @@ from peft.tuners.lora import LoraLayer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftMethod
-from models.settings import LoraSettings
+from vitpipe.models.peft.base import PeftMethod
+from vitpipe.models.settings import LoraSettings
 
 
 class Lora(PeftMethod):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from models.peft import PEFT_METHODS
-from models.vit import build_vit
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.vit import build_vit
 
 
 def _is_head(name: str) -> bool:

@@ -16,8 +16,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from models.peft.base import PeftMethod, swap_class
-from models.settings import VptSettings
+from vitpipe.models.peft.base import PeftMethod, swap_class
+from vitpipe.models.settings import VptSettings
 
 
 class PromptedBlock(Block):

@@ -19,11 +19,11 @@ from typing import Protocol
 
 from timm.models.vision_transformer import VisionTransformer
 
-from models.prune.base import PruneError, keep_count
-from models.prune.costs import block_widths, count_flops, count_params, merge_tocom_pruned, unpruned_structure
-from models.prune.csgd import CSGD, kmeans
-from models.prune.resrep import Compactor, ResRep
-from models.settings import PruneSettings
+from vitpipe.models.prune.base import PruneError, keep_count
+from vitpipe.models.prune.costs import block_widths, count_flops, count_params, merge_tocom_pruned, unpruned_structure
+from vitpipe.models.prune.csgd import CSGD, kmeans
+from vitpipe.models.prune.resrep import Compactor, ResRep
+from vitpipe.models.settings import PruneSettings
 
 __all__ = ["CSGD", "PRUNERS", "Compactor", "PruneError", "PruneSettings", "Pruner", "ResRep", "block_widths",
            "count_flops", "count_params", "keep_count", "kmeans", "merge_tocom_pruned", "unpruned_structure"]

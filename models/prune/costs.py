@@ -8,8 +8,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.prune.base import PruneError
-from models.tocom import TokenCompensator
+from vitpipe.models.prune.base import PruneError
+from vitpipe.models.tocom import TokenCompensator
 
 
 def unpruned_structure(model: VisionTransformer) -> list[dict[str, list[int]]]:

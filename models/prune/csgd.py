@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.prune.base import PruneError, Schedule, _attention, _narrow, _set_heads, keep_count
-from models.settings import PruneSettings
+from vitpipe.models.prune.base import PruneError, Schedule, _attention, _narrow, _set_heads, keep_count
+from vitpipe.models.settings import PruneSettings
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int, iters: int = 50) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.prune.base import (
+from vitpipe.models.prune.base import (
     PruneError,
     Schedule,
     _attention,
@@ -17,7 +17,7 @@ from models.prune.base import (
     _set_heads,
     keep_count,
 )
-from models.settings import PruneSettings
+from vitpipe.models.settings import PruneSettings
 
 CRITERIA = ("saliency", "norm")
 

@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
-from cluster.fs import arrow_filesystem
-from tasks.data.bundled import digits, faces, photos, textures
-from tasks.data.importers import imagefolder, vtab1k
-from tasks.data.loading import load_split, ray_dataset
-from tasks.data.shards import (
+from vitpipe.cluster.fs import arrow_filesystem
+from vitpipe.tasks.data.bundled import digits, faces, photos, textures
+from vitpipe.tasks.data.importers import imagefolder, vtab1k
+from vitpipe.tasks.data.loading import load_split, ray_dataset
+from vitpipe.tasks.data.shards import (
     SPLITS,
     DataError,
     DatasetInfo,

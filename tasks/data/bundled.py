@@ -9,8 +9,8 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from tasks.data.shards import SPLITS, Record, SourceData, encode_png
-from tasks.data.splits import stratified_splits
+from vitpipe.tasks.data.shards import SPLITS, Record, SourceData, encode_png
+from vitpipe.tasks.data.splits import stratified_splits
 
 # scikit-image photos stored in its wheel (the others are fetched with pooch on first use).
 SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field",

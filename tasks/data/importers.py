@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from cluster.fs import arrow_filesystem
-from tasks.data.loading import decode_error
-from tasks.data.shards import SPLITS, DataError, Record, SourceData, encode_png
-from tasks.data.splits import stratified_splits
+from vitpipe.cluster.fs import arrow_filesystem
+from vitpipe.tasks.data.loading import decode_error
+from vitpipe.tasks.data.shards import SPLITS, DataError, Record, SourceData, encode_png
+from vitpipe.tasks.data.splits import stratified_splits
 
 # every suffix of a format PIL can open (PNG, JPEG, BMP, GIF, TIFF, WebP, ...); non-PNG/JPEG files are stored as PNG
 IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))

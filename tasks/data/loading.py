@@ -14,8 +14,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from cluster.fs import arrow_filesystem
-from tasks.data.shards import DataError, base_name, dataset_meta, shard_paths
+from vitpipe.cluster.fs import arrow_filesystem
+from vitpipe.tasks.data.shards import DataError, base_name, dataset_meta, shard_paths
 
 if TYPE_CHECKING:
     import ray.data

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cluster.fs import arrow_filesystem
+from vitpipe.cluster.fs import arrow_filesystem
 
 SPLITS = ("train", "val", "test")
 CLASSES_KEY = b"vitpipe.classes"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.data.shards import SPLITS
+from vitpipe.tasks.data.shards import SPLITS
 
 VAL_FRACTION = TEST_FRACTION = 0.2
 

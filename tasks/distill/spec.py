@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from cluster.config import Resources
-from models.settings import ViTSpec
-from tasks.config import Frozen, paper_train
-from tasks.prepare.spec import corpus_node
-from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, Section, StageSpec
+from vitpipe.cluster.config import Resources
+from vitpipe.models.settings import ViTSpec
+from vitpipe.tasks.config import Frozen, paper_train
+from vitpipe.tasks.prepare.spec import corpus_node
+from vitpipe.tasks.spec import Committed, Node, Outputs, Pipeline, Plan, Section, StageSpec
 
 
 class DistillConfig(Frozen):
@@ -54,5 +54,5 @@ def summary(committed: list[Committed], pipeline: Pipeline) -> Section:
     return Section("\nToCom (distill)\n" + "\n".join(lines) + "\n") if lines else Section()
 
 
-SPEC = StageSpec(kind="distill", node=DistillNode, outputs=DistillOutputs, entry="tasks.distill.stage:run",
+SPEC = StageSpec(kind="distill", node=DistillNode, outputs=DistillOutputs, entry="vitpipe.tasks.distill.stage:run",
                  declare=declare, section=DistillConfig, summary=summary)

@@ -17,17 +17,17 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cluster.batches import DataContext, TensorBatches
-from cluster.context import StageContext, StageResult
-from cluster.manifest import Manifest
-from cluster.train import Recipe
-from models.settings import ViTSpec
-from models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
-from models.tome import apply_tome, set_tome_r
-from tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
-from tasks.classification import cached_split, normalize
-from tasks.distill.spec import DistillNode, DistillOutputs
-from tasks.prepare.spec import DataOutputs
+from vitpipe.cluster.batches import DataContext, TensorBatches
+from vitpipe.cluster.context import StageContext, StageResult
+from vitpipe.cluster.manifest import Manifest
+from vitpipe.cluster.train import Recipe
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.tocom import TokenCompensator, plug, save_tocom, tocom_kl_loss
+from vitpipe.models.tome import apply_tome, set_tome_r
+from vitpipe.tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
+from vitpipe.tasks.classification import cached_split, normalize
+from vitpipe.tasks.distill.spec import DistillNode, DistillOutputs
+from vitpipe.tasks.prepare.spec import DataOutputs
 
 MAX_PAIRS = 64  # held-out KL: all pairs m != n up to this many, else a fixed seeded sample
 

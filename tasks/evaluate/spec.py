@@ -7,10 +7,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from models.settings import PEFT_SETTINGS, TOCOM_SCALES
-from tasks.config import Frozen
-from tasks.finetune.spec import FinetuneNode, downstream_inputs
-from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec, format_table
+from vitpipe.models.settings import PEFT_SETTINGS, TOCOM_SCALES
+from vitpipe.tasks.config import Frozen
+from vitpipe.tasks.finetune.spec import FinetuneNode, downstream_inputs
+from vitpipe.tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec, format_table
 
 
 class EvaluateConfig(Frozen):
@@ -72,5 +72,5 @@ def summary(committed: list[Committed], pipeline: Pipeline) -> Section:
                    + format_table(header, rows) + "\n")
 
 
-SPEC = StageSpec(kind="evaluate", node=EvaluateNode, outputs=EvaluateOutputs, entry="tasks.evaluate.stage:run",
+SPEC = StageSpec(kind="evaluate", node=EvaluateNode, outputs=EvaluateOutputs, entry="vitpipe.tasks.evaluate.stage:run",
                  declare=declare, section=EvaluateConfig, summary=summary)

@@ -13,17 +13,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from timm.models.vision_transformer import VisionTransformer
 
-from cluster.context import StageContext, StageResult
-from cluster.manifest import Manifest, read_bytes
-from models.settings import ViTSpec
-from models.tocom import ToComPlug, load_tocom, plug, unplug
-from models.tome import apply_tome, set_tome_r
-from tasks.backbone import backbone_identity
-from tasks.classification import accuracy
-from tasks.distill.spec import DistillOutputs
-from tasks.evaluate.spec import DegreeRow, EvaluateNode, EvaluateOutputs
-from tasks.finetune.stage import load_task_model
-from tasks.prepare.spec import DataOutputs
+from vitpipe.cluster.context import StageContext, StageResult
+from vitpipe.cluster.manifest import Manifest, read_bytes
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.tocom import ToComPlug, load_tocom, plug, unplug
+from vitpipe.models.tome import apply_tome, set_tome_r
+from vitpipe.tasks.backbone import backbone_identity
+from vitpipe.tasks.classification import accuracy
+from vitpipe.tasks.distill.spec import DistillOutputs
+from vitpipe.tasks.evaluate.spec import DegreeRow, EvaluateNode, EvaluateOutputs
+from vitpipe.tasks.finetune.stage import load_task_model
+from vitpipe.tasks.prepare.spec import DataOutputs
 
 
 def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: int, r_src: int, r_tgt: int,

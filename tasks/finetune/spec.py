@@ -6,11 +6,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.config import Resources, TrainConfig
-from models.settings import PEFT_SETTINGS, PeftConfig, ViTSpec
-from tasks.config import Frozen
-from tasks.finetune.summary import summary
-from tasks.spec import Node, Outputs, Pipeline, Plan, StageSpec
+from vitpipe.cluster.config import Resources, TrainConfig
+from vitpipe.models.settings import PEFT_SETTINGS, PeftConfig, ViTSpec
+from vitpipe.tasks.config import Frozen
+from vitpipe.tasks.finetune.summary import summary
+from vitpipe.tasks.spec import Node, Outputs, Pipeline, Plan, StageSpec
 
 
 class PeftMethodSpec(BaseModel):
@@ -145,6 +145,6 @@ def downstream_inputs(plan: Plan, finetuned: Node) -> dict[str, str]:
     return {"model": finetuned.name, **finetuned.deps, **tocom}
 
 
-SPEC = StageSpec(kind="finetune", node=FinetuneNode, outputs=FinetuneOutputs, entry="tasks.finetune.stage:run",
+SPEC = StageSpec(kind="finetune", node=FinetuneNode, outputs=FinetuneOutputs, entry="vitpipe.tasks.finetune.stage:run",
                  declare=declare, section=FinetuneConfig, on_by_default=True, summary=summary,
                  headline=("test_accuracy",))

@@ -14,18 +14,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cluster.batches import TensorBatches
-from cluster.context import Fitted, StageContext, StageResult
-from cluster.manifest import Manifest, read_weights, weights_bytes
-from cluster.store import ArtifactStore
-from cluster.train import Recipe
-from models.heads import fold_whitening
-from models.peft import PEFT_METHODS
-from models.tome import apply_tome
-from tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
-from tasks.classification import accuracy, cached_split, classification_loss, flip, probed_head
-from tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
-from tasks.prepare.spec import DataOutputs
+from vitpipe.cluster.batches import TensorBatches
+from vitpipe.cluster.context import Fitted, StageContext, StageResult
+from vitpipe.cluster.manifest import Manifest, read_weights, weights_bytes
+from vitpipe.cluster.store import ArtifactStore
+from vitpipe.cluster.train import Recipe
+from vitpipe.models.heads import fold_whitening
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.tome import apply_tome
+from vitpipe.tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
+from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip, probed_head
+from vitpipe.tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
+from vitpipe.tasks.prepare.spec import DataOutputs
 
 
 def _backbone_model(cfg: FinetuneNode, num_classes: int, backbone: BackboneWeights | None, seed: int) -> nn.Module:

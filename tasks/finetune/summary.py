@@ -7,7 +7,7 @@ import io
 from statistics import fmean
 from typing import Any
 
-from tasks.spec import Committed, Pipeline, Section, format_table
+from vitpipe.tasks.spec import Committed, Pipeline, Section, format_table
 
 Cells = dict[tuple[str, str], float]
 

@@ -6,8 +6,8 @@ import os
 
 from pydantic import Field, field_validator
 
-from tasks.config import Frozen
-from tasks.spec import Node, Outputs, Pipeline, Plan, PlanError, StageSpec
+from vitpipe.tasks.config import Frozen
+from vitpipe.tasks.spec import Node, Outputs, Pipeline, Plan, PlanError, StageSpec
 
 
 class DatasetSpec(Frozen):
@@ -20,7 +20,7 @@ class DatasetSpec(Frozen):
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        from tasks.data import DataError, resolve_source
+        from vitpipe.tasks.data import DataError, resolve_source
 
         try:
             resolve_source(source)
@@ -40,7 +40,7 @@ class DataNode(Frozen):
     def of(cls, spec: DatasetSpec) -> DataNode:
         """A relative local folder is made absolute here: the node runs in a Ray worker with another cwd. The
         source's digest (which reads a user folder's listing) decides whether its data changed."""
-        from tasks.data import IMPORTERS, source_digest
+        from vitpipe.tasks.data import IMPORTERS, source_digest
 
         kind, sep, location = spec.source.partition(":")
         source = spec.source
@@ -61,7 +61,7 @@ class DataOutputs(Outputs):
 
 def data_node(plan: Plan, name: str, spec: DatasetSpec, where: str) -> str:
     """Declare (once) the data node of a dataset entry at config path `where`; returns its node name."""
-    from tasks.data import DataError
+    from vitpipe.tasks.data import DataError
 
     if f"data/{name}" not in plan.nodes:
         try:
@@ -83,4 +83,5 @@ def declare(pipeline: Pipeline, plan: Plan) -> None:
         data_node(plan, task, spec, f"tasks.{task}")
 
 
-SPEC = StageSpec(kind="data", node=DataNode, outputs=DataOutputs, entry="tasks.prepare.stage:run", declare=declare)
+SPEC = StageSpec(kind="data", node=DataNode, outputs=DataOutputs, entry="vitpipe.tasks.prepare.stage:run",
+                 declare=declare)

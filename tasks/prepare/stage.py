@@ -6,9 +6,9 @@ import os
 import tempfile
 from typing import Any
 
-from cluster.context import StageContext, StageResult
-from tasks.data import prepare
-from tasks.prepare.spec import DataNode, DataOutputs
+from vitpipe.cluster.context import StageContext, StageResult
+from vitpipe.tasks.data import prepare
+from vitpipe.tasks.prepare.spec import DataNode, DataOutputs
 
 
 def run(ctx: StageContext, cfg: DataNode, inputs: dict[str, Any]) -> StageResult:

@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from cluster.config import Resources
-from models.settings import PretrainObjectiveConfig, ViTSpec
-from tasks.config import Frozen, paper_train
-from tasks.prepare.spec import corpus_node
-from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, Section, StageSpec
+from vitpipe.cluster.config import Resources
+from vitpipe.models.settings import PretrainObjectiveConfig, ViTSpec
+from vitpipe.tasks.config import Frozen, paper_train
+from vitpipe.tasks.prepare.spec import corpus_node
+from vitpipe.tasks.spec import Committed, Node, Outputs, Pipeline, Plan, Section, StageSpec
 
 PROBE_PREFIX = "probe:"
 
@@ -65,5 +65,5 @@ def summary(committed: list[Committed], pipeline: Pipeline) -> Section:
                    + "\n".join(lines) + "\n")
 
 
-SPEC = StageSpec(kind="pretrain", node=PretrainNode, outputs=PretrainOutputs, entry="tasks.pretrain.stage:run",
+SPEC = StageSpec(kind="pretrain", node=PretrainNode, outputs=PretrainOutputs, entry="vitpipe.tasks.pretrain.stage:run",
                  declare=declare, section=PretrainConfig, summary=summary)

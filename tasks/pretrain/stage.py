@@ -12,18 +12,18 @@ import functools
 import torch
 from torch import nn
 
-from cluster.batches import StreamedBatches, TensorBatches
-from cluster.context import StageContext, StageResult
-from cluster.manifest import Manifest
-from cluster.train import Recipe
-from models.pretrain_objectives import PretrainObjective
-from models.settings import PretrainObjectiveConfig, ViTSpec
-from tasks.augment import contrastive_view, mim_view
-from tasks.backbone import BackboneWeights, backbone_tag, starting_weights
-from tasks.classification import cached_split, features
-from tasks.data import ray_dataset
-from tasks.prepare.spec import DataOutputs
-from tasks.pretrain.spec import PROBE_PREFIX, PretrainNode, PretrainOutputs
+from vitpipe.cluster.batches import StreamedBatches, TensorBatches
+from vitpipe.cluster.context import StageContext, StageResult
+from vitpipe.cluster.manifest import Manifest
+from vitpipe.cluster.train import Recipe
+from vitpipe.models.pretrain_objectives import PretrainObjective
+from vitpipe.models.settings import PretrainObjectiveConfig, ViTSpec
+from vitpipe.tasks.augment import contrastive_view, mim_view
+from vitpipe.tasks.backbone import BackboneWeights, backbone_tag, starting_weights
+from vitpipe.tasks.classification import cached_split, features
+from vitpipe.tasks.data import ray_dataset
+from vitpipe.tasks.prepare.spec import DataOutputs
+from vitpipe.tasks.pretrain.spec import PROBE_PREFIX, PretrainNode, PretrainOutputs
 
 
 class PretrainModel(nn.Module):

@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from cluster.config import Resources
-from models.settings import TOCOM_SCALES, Pruner, PruneSettings
-from tasks.config import Frozen, paper_train
-from tasks.finetune.spec import FinetuneNode, downstream_inputs
-from tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec, format_table
+from vitpipe.cluster.config import Resources
+from vitpipe.models.settings import TOCOM_SCALES, Pruner, PruneSettings
+from vitpipe.tasks.config import Frozen, paper_train
+from vitpipe.tasks.finetune.spec import FinetuneNode, downstream_inputs
+from vitpipe.tasks.spec import Committed, Node, Outputs, Pipeline, Plan, PlanError, Section, StageSpec, format_table
 
 UNFIT = ("chance", "slower")  # flags that withhold registration unless register_flagged
 
@@ -144,5 +144,5 @@ def summary(committed: list[Committed], pipeline: Pipeline) -> Section:
     return Section(text)
 
 
-SPEC = StageSpec(kind="prune", node=PruneNode, outputs=PruneOutputs, entry="tasks.prune.stage:run",
+SPEC = StageSpec(kind="prune", node=PruneNode, outputs=PruneOutputs, entry="vitpipe.tasks.prune.stage:run",
                  declare=declare, section=PruneConfig, summary=summary, headline=("test_accuracy",))

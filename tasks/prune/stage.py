@@ -25,23 +25,23 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from cluster.batches import TensorBatches
-from cluster.context import StageContext, StageResult
-from cluster.manifest import Manifest, read_bytes
-from cluster.train import Recipe
-from models.deploy import export
-from models.heads import fold_whitening
-from models.peft import PEFT_METHODS
-from models.prune import PRUNERS, block_widths, count_flops, count_params, merge_tocom_pruned
-from models.settings import PruneSettings
-from models.tocom import load_tocom
-from models.tome import apply_tome, tome_r
-from tasks.classification import accuracy, cached_split, classification_loss, flip, logits, probed_head
-from tasks.evaluate.stage import check_backbones
-from tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
-from tasks.finetune.stage import load_task_model
-from tasks.prepare.spec import DataOutputs
-from tasks.prune.spec import UNFIT, PruneNode, PruneOutputs
+from vitpipe.cluster.batches import TensorBatches
+from vitpipe.cluster.context import StageContext, StageResult
+from vitpipe.cluster.manifest import Manifest, read_bytes
+from vitpipe.cluster.train import Recipe
+from vitpipe.models.deploy import export
+from vitpipe.models.heads import fold_whitening
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.prune import PRUNERS, block_widths, count_flops, count_params, merge_tocom_pruned
+from vitpipe.models.settings import PruneSettings
+from vitpipe.models.tocom import load_tocom
+from vitpipe.models.tome import apply_tome, tome_r
+from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip, logits, probed_head
+from vitpipe.tasks.evaluate.stage import check_backbones
+from vitpipe.tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
+from vitpipe.tasks.finetune.stage import load_task_model
+from vitpipe.tasks.prepare.spec import DataOutputs
+from vitpipe.tasks.prune.spec import UNFIT, PruneNode, PruneOutputs
 
 # tasks.classification.normalize maps uint8 x to x / 127.5 - 1, i.e. (x / 255 - 0.5) / 0.5 per channel.
 PREPROCESS = {"input": "RGB, uint8 scaled to [0, 1]", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}

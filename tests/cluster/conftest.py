@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.store import ArtifactStore, LocalStore, open_store
+from vitpipe.cluster.store import ArtifactStore, LocalStore, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

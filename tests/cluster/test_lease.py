@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from cluster.lease import Claim, StageLease, claim_stage, lease_key
-from cluster.manifest import StageWriter, load_manifest
-from cluster.store import ArtifactStore, StoreError
+from vitpipe.cluster.lease import Claim, StageLease, claim_stage, lease_key
+from vitpipe.cluster.manifest import StageWriter, load_manifest
+from vitpipe.cluster.store import ArtifactStore, StoreError
 
 KEY = "a" * 64
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from cluster.manifest import (
+from vitpipe.cluster.manifest import (
     MANIFEST_NAME,
     Manifest,
     StageWriter,
@@ -19,7 +19,7 @@ from cluster.manifest import (
     stage_prefix,
     verify_manifest,
 )
-from cluster.store import ArtifactStore, LocalStore, StoreError
+from vitpipe.cluster.store import ArtifactStore, LocalStore, StoreError
 
 KEY = "3f" * 32
 
@@ -69,7 +69,7 @@ def test_corrupt_weights_make_stage_not_done(store: ArtifactStore, tmp_path, cap
         store.write_bytes(path, bytes(data))
 
     problem = f"stages/finetune/{KEY}/model.safetensors: sha256 mismatch"
-    with caplog.at_level(logging.WARNING, logger="cluster.manifest"):
+    with caplog.at_level(logging.WARNING, logger="vitpipe.cluster.manifest"):
         assert load_manifest(store, "finetune", KEY) is None
     assert problem in caplog.text
     assert verify_manifest(store, manifest) == [problem]
@@ -121,7 +121,7 @@ def test_rerun_removes_old_manifest_before_writing(store: ArtifactStore, tmp_pat
 
 def test_invalid_manifest_is_treated_as_missing(store: ArtifactStore, caplog) -> None:
     path = f"{stage_prefix('prune', KEY)}/{MANIFEST_NAME}"
-    with caplog.at_level(logging.WARNING, logger="cluster.manifest"):
+    with caplog.at_level(logging.WARNING, logger="vitpipe.cluster.manifest"):
         store.write_bytes(path, b"{not json")
         assert load_manifest(store, "prune", KEY) is None
         store.write_bytes(path, json.dumps({"kind": "prune", "key": KEY}).encode())

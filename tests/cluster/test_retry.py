@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.retry import RetryPolicy, task_retry_options
-from cluster.store import StoreError, StoreUnavailable
-from cluster.tracking import TrackingUnavailable
+from vitpipe.cluster.retry import RetryPolicy, task_retry_options
+from vitpipe.cluster.store import StoreError, StoreUnavailable
+from vitpipe.cluster.tracking import TrackingUnavailable
 
 ERRORS = {"store down": StoreUnavailable, "mlflow down": TrackingUnavailable, "bug": StoreError}
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from cluster.retry import RetryPolicy
-from cluster.s3store import S3Store
-from cluster.store import (
+from vitpipe.cluster.retry import RetryPolicy
+from vitpipe.cluster.s3store import S3Store
+from vitpipe.cluster.store import (
     ArtifactStore,
     LocalStore,
     StoreError,

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.provenance import git_commit
-from cluster.submit import (
+from vitpipe.cluster.provenance import git_commit
+from vitpipe.cluster.submit import (
     COMMIT_STAMP,
     JOB_DIR,
+    PROJECT_DIR,
     SubmitConfig,
     SubmitError,
     cluster_warnings,
@@ -27,7 +28,7 @@ def test_job_runs_the_shipped_config_with_overrides_and_forwards_only_named_vari
     spec = job_spec("demo.yaml", "My Demo", ("stages.finetune.train.steps=5", "tasks={a: {source: faces}}"),
                     SubmitConfig(), ENVIRON, ("AWS_SECRET_ACCESS_KEY",), commit="abc123")
     assert shlex.split(spec.entrypoint) == [
-        "python", "-m", "pipelines.cli", "run", f"{JOB_DIR}/demo.yaml", "--address", "auto",
+        "python", "-m", "vitpipe.pipelines.cli", "run", f"{JOB_DIR}/demo.yaml", "--address", "auto",
         "--set", "stages.finetune.train.steps=5", "--set", "tasks={a: {source: faces}}"]
     assert spec.runtime_env == {"env_vars": {"AWS_ENDPOINT_URL": "http://s3.internal:9000",
                                              "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}}
@@ -58,12 +59,14 @@ def test_staged_project_is_the_source_plus_config_and_commit_stamp(tmp_path: Pat
     config.write_text("name: mine\n")
     with staged_project(ROOT, config, "c0ffee", ("benchmarks",)) as stage:
         shipped = {p.relative_to(stage).as_posix() for p in stage.rglob("*")}
-        assert {"pyproject.toml", "pipelines/cli.py", "cluster/submit.py", f"{JOB_DIR}/mine.yaml"} <= shipped
-        assert not {p for p in shipped if p.split("/")[0] in (".git", ".venv", "vitpipe-work", "benchmarks")}
+        assert {"vitpipe/pyproject.toml", "vitpipe/pipelines/cli.py", "vitpipe/cluster/submit.py",
+                f"{JOB_DIR}/mine.yaml"} <= shipped
+        top = {p.split("/")[1] for p in shipped if p.startswith(f"{PROJECT_DIR}/")}
+        assert not top & {".git", ".venv", "vitpipe-work", "benchmarks"}
         assert not {p for p in shipped if "__pycache__" in p or ".egg-info" in p}
         assert (stage / JOB_DIR / "mine.yaml").read_text() == "name: mine\n"
         # Without .git, the shipped tree still knows its commit, so stage keys match a local plan.
-        assert (stage / COMMIT_STAMP).read_text().strip() == "c0ffee" == git_commit(stage)
+        assert (stage / PROJECT_DIR / COMMIT_STAMP).read_text().strip() == "c0ffee" == git_commit(stage / PROJECT_DIR)
     assert not stage.exists()
     with pytest.raises(SubmitError, match="not a vitpipe source checkout"):
         with staged_project(tmp_path, config, None, ()):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.retry import RetryPolicy
-from cluster.tracking import Tracker, TrackingError, TrackingUnavailable
+from vitpipe.cluster.retry import RetryPolicy
+from vitpipe.cluster.tracking import Tracker, TrackingError, TrackingUnavailable
 
 SECRET = "s3cr3t-SENTINEL"
 

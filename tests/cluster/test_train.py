@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from cluster.batches import StreamedBatches, TensorBatches
-from cluster.config import Resources, TrainConfig
-from cluster.train import Recipe, TrainJob, fit
 from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
+from vitpipe.cluster.batches import StreamedBatches, TensorBatches
+from vitpipe.cluster.config import Resources, TrainConfig
+from vitpipe.cluster.train import Recipe, TrainJob, fit
 
 
 class _CrashOnce:

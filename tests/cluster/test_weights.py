@@ -10,10 +10,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from cluster.weights import local_weights_file, pretrained_backbone, read_weights_source, weights_digest
-from models.settings import ViTSpec
-from models.weights import WeightsError
-from pipelines.cli import main
+from vitpipe.cluster.weights import local_weights_file, pretrained_backbone, read_weights_source, weights_digest
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.weights import WeightsError
+from vitpipe.pipelines.cli import main
 
 SPEC = ViTSpec(arch="vitpipe_tiny_patch4_32", overrides={"depth": 2})
 

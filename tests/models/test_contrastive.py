@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from sklearn.datasets import load_digits
 from timm.models.vision_transformer import VisionTransformer
 
-from models.contrastive import (
+from vitpipe.models.contrastive import (
     InfoCL,
     InfoCLConfig,
     ReconstructionDecoder,
@@ -19,9 +19,9 @@ from models.contrastive import (
     nt_xent,
     pooled_features,
 )
-from models.pretrain_objectives import PRETRAIN_OBJECTIVES, PretrainObjective
-from models.settings import LocalMIMConfig, PretrainObjectiveConfig
-from models.vit import build_vit
+from vitpipe.models.pretrain_objectives import PRETRAIN_OBJECTIVES, PretrainObjective
+from vitpipe.models.settings import LocalMIMConfig, PretrainObjectiveConfig
+from vitpipe.models.vit import build_vit
 
 SMALL = dict(rc_widths=(16, 32, 16), proj_dim=32)  # narrow RC decoder and projector for CPU tests
 

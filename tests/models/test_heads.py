@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.heads import FeatureWhitening, fit_probe, fold_whitening, probe_head
+from vitpipe.models.heads import FeatureWhitening, fit_probe, fold_whitening, probe_head
 
 
 def _features(n: int = 400, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 from timm.models.vision_transformer import VisionTransformer
 
-from models.hog import hog_targets
-from models.mim import (
+from vitpipe.models.hog import hog_targets
+from vitpipe.models.mim import (
     LocalDecoder,
     LocalMIM,
     LocalMIMConfig,
@@ -23,7 +23,7 @@ from models.mim import (
     random_masking,
     resolve_taps,
 )
-from models.vit import build_vit
+from vitpipe.models.vit import build_vit
 
 SCALES = (4.0, 2.0, 1.0, 0.5)
 

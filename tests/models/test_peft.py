@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from models.peft import PEFT_METHODS, PeftError, PeftMethod
-from models.vit import build_vit
+from vitpipe.models.peft import PEFT_METHODS, PeftError, PeftMethod
+from vitpipe.models.vit import build_vit
 
 METHODS = list(PEFT_METHODS)
 MERGEABLE = {"linear", "full", "bitfit", "lora", "fact_tt", "fact_tk", "consolidator"}
@@ -213,16 +213,16 @@ def test_fact_slices_and_consolidator_groups_have_their_structure() -> None:
 
 
 def test_every_method_has_its_torch_free_settings_and_no_other() -> None:
-    from models.settings import PEFT_SETTINGS
+    from vitpipe.models.settings import PEFT_SETTINGS
 
     assert list(PEFT_METHODS) == list(PEFT_SETTINGS)
     assert {name for name, s in PEFT_SETTINGS.items() if not s.token_merging} == {"convpass", "vpt"}
 
 
 def test_a_branch_bias_merges_into_a_linear_that_had_none() -> None:
-    from models.peft.base import add_branch, unbranch
-    from models.peft.consolidator import ConsolidatorBranch
-    from models.settings import ConsolidatorSettings
+    from vitpipe.models.peft.base import add_branch, unbranch
+    from vitpipe.models.peft.consolidator import ConsolidatorBranch
+    from vitpipe.models.settings import ConsolidatorSettings
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8, bias=False)

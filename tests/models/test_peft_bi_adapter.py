@@ -9,9 +9,15 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from models.peft import PEFT_METHODS
-from models.peft.bi_adapter import QuantizedLinear, lloyd_max_normal, median_levels_normal, pack_codes, unpack_codes
-from models.vit import build_vit
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.peft.bi_adapter import (
+    QuantizedLinear,
+    lloyd_max_normal,
+    median_levels_normal,
+    pack_codes,
+    unpack_codes,
+)
+from vitpipe.models.vit import build_vit
 
 METHOD = PEFT_METHODS["bi_adapter"]
 # MSE of the optimal quantizer of N(0, 1) (Max 1960): 1 - 2/pi at 1 bit, 0.1175 at 2, 0.009497 at 4

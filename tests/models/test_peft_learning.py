@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from models.peft import PEFT_METHODS
-from models.vit import build_vit
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.vit import build_vit
 
 STEPS, PER_CLASS = 30, 2  # 30 class-balanced batches of 20
 HEAD_LR, METHOD_LR = 3e-2, {"full": 1e-4}  # method parameters: 1e-3 unless listed

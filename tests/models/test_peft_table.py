@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from models.peft import PEFT_METHODS
-from models.peft.table import peft_table
-from models.vit import build_vit
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.peft.table import peft_table
+from vitpipe.models.vit import build_vit
 
 
 def test_vit_base_counts_match_the_papers() -> None:

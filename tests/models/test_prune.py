@@ -12,9 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.deploy import DeployError, export, load
-from models.peft import PEFT_METHODS
-from models.prune import (
+from vitpipe.models.deploy import DeployError, export, load
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.prune import (
     PRUNERS,
     Compactor,
     PruneError,
@@ -27,9 +27,9 @@ from models.prune import (
     merge_tocom_pruned,
     unpruned_structure,
 )
-from models.tocom import TokenCompensator, merge_into_weights
-from models.tome import apply_tome
-from models.vit import build_vit
+from vitpipe.models.tocom import TokenCompensator, merge_into_weights
+from vitpipe.models.tome import apply_tome
+from vitpipe.models.vit import build_vit
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH, HIDDEN, HEADS, DEPTH, TOKENS = 64, 256, 4, 4, 65  # the tiny ViT: 64 patches + cls
@@ -313,10 +313,10 @@ def test_load_needs_none_of_the_training_code(tmp_path: Path) -> None:
     model = tiny()
     PRUNERS["resrep"].convert(PRUNERS["resrep"].impose(PRUNERS["resrep"].prepare(model, PruneSettings())))
     export(model, tmp_path, {})
-    code = (f"import sys; from models.deploy import load; m = load({str(tmp_path)!r}); "
+    code = (f"import sys; from vitpipe.models.deploy import load; m = load({str(tmp_path)!r}); "
             "import torch; m(torch.zeros(1, 3, 32, 32)); "
-            "print(sorted(n for n in ('cluster', 'tasks', 'pipelines', 'ray', 'deepspeed', 'mlflow', 'models.prune',"
-            " 'models.peft') if n in sys.modules))")
+            "print(sorted(n for n in ('vitpipe.cluster', 'vitpipe.tasks', 'vitpipe.pipelines', 'ray', 'deepspeed',"
+            " 'mlflow', 'vitpipe.models.prune', 'vitpipe.models.peft') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from timm.models.vision_transformer import VisionTransformer
 
-from models.tocom import (
+from vitpipe.models.tocom import (
     TokenCompensator,
     load_tocom,
     merge_into_weights,
@@ -21,8 +21,8 @@ from models.tocom import (
     tocom_kl_loss,
     unplug,
 )
-from models.tome import apply_tome, set_tome_r
-from models.vit import build_vit
+from vitpipe.models.tome import apply_tome, set_tome_r
+from vitpipe.models.vit import build_vit
 
 MAX_R = 4  # degrees 0..4 on 65 tokens: 65 -> 61 -> ... -> 49 at r = 4
 

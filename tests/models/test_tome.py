@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from models.tome import (
+from vitpipe.models.tome import (
     apply_tome,
     bipartite_soft_matching,
     merge_wavg,
@@ -16,7 +16,7 @@ from models.tome import (
     tome_info,
     tome_r,
 )
-from models.vit import build_vit
+from vitpipe.models.vit import build_vit
 
 CLS = dict()
 AVG = dict(class_token=False, global_pool="avg")
@@ -179,7 +179,7 @@ def test_rejects_non_vit() -> None:
 def test_parallel_adapter_blocks_merge_before_their_mlp_and_adapter() -> None:
     """A PEFT model with adapters beside the MLP (adaptformer, bi_adapter) patches too: exact at r = 0, the adapter
     still acts at r > 0 (zeroing it changes the merged model's output)."""
-    from models.peft import PEFT_METHODS
+    from vitpipe.models.peft import PEFT_METHODS
 
     model = PEFT_METHODS["adaptformer"].apply(tiny_vit()).eval()
     for block in model.blocks:

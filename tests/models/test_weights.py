@@ -7,8 +7,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from models.vit import build_vit
-from models.weights import (
+from vitpipe.models.vit import build_vit
+from vitpipe.models.weights import (
     WeightsError,
     adapt_state_dict,
     load_into,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.cli import main
+from vitpipe.pipelines.cli import main
 
 
 def vitpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vitpipe.pipelines.cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster.lease import lease_key
-from cluster.manifest import load_manifest
-from cluster.store import open_store
-from pipelines.spec import load_config
+from vitpipe.cluster.lease import lease_key
+from vitpipe.cluster.manifest import load_manifest
+from vitpipe.cluster.store import open_store
+from vitpipe.pipelines.spec import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_second_runner_waits_for_the_first_and_reuses_its_outputs(ray_local: str
     store = open_store(cfg.store_uri)
     env = {**os.environ, "RAY_ADDRESS": ray_local}
 
-    gated = ("import pathlib, sys, time; import pipelines.cli as cli\n"  # imports done before the gate opens
+    gated = ("import pathlib, sys, time; import vitpipe.pipelines.cli as cli\n"  # imports done before the gate opens
              "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.05)\n"
              "sys.exit(cli.main(['run', sys.argv[2]]))")
 

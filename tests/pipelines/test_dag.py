@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.dag import build_dag, stage_keys
-from pipelines.spec import ConfigError, load_config
-from tasks.stages import STAGES
+from vitpipe.pipelines.dag import build_dag, stage_keys
+from vitpipe.pipelines.spec import ConfigError, load_config
+from vitpipe.tasks.stages import STAGES
 
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "demo.yaml"
 
@@ -143,7 +143,7 @@ def test_backbone_weights_sha256_goes_into_every_downstream_key(tmp_path: Path) 
     import torch
     from safetensors.torch import save_file
 
-    from models.settings import ViTSpec
+    from vitpipe.models.settings import ViTSpec
 
     path = tmp_path / "encoder.safetensors"
     torch.manual_seed(1)

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.manifest import load_manifest, read_bytes
-from cluster.store import open_store
-from models.deploy import load
-from pipelines.runner import run
-from pipelines.spec import load_config
-from tasks.classification import accuracy
-from tasks.data.bundled import textures, write_imagefolder
+from vitpipe.cluster.manifest import load_manifest, read_bytes
+from vitpipe.cluster.store import open_store
+from vitpipe.models.deploy import load
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import load_config
+from vitpipe.tasks.classification import accuracy
+from vitpipe.tasks.data.bundled import textures, write_imagefolder
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_a_folder_of_jpegs_becomes_a_fine_tuned_pruned_model(own_run) -> None:
 
 
 def test_editing_the_folder_changes_only_its_branch(own_run) -> None:
-    from pipelines.dag import plan
+    from vitpipe.pipelines.dag import plan
 
     cfg, summary, _, tmp = own_run
     assert {status for _, _, status in plan(cfg)} == {"cached"}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
-from cluster.manifest import Manifest
-from pipelines.report import print_summary, stage_sections, summary_artifacts
-from pipelines.runner import NodeOutcome
-from tasks.finetune.summary import group_means
-from tasks.spec import Committed, Node
+from vitpipe.cluster.manifest import Manifest
+from vitpipe.pipelines.report import print_summary, stage_sections, summary_artifacts
+from vitpipe.pipelines.runner import NodeOutcome
+from vitpipe.tasks.finetune.summary import group_means
+from vitpipe.tasks.spec import Committed, Node
 
 ACC = {("a", "linear"): 0.5, ("b", "linear"): 0.7, ("c", "linear"): 0.9, ("a", "lora"): 0.6}
 GROUPS = {"a": "natural", "b": "natural", "c": "structured"}
@@ -67,7 +67,7 @@ def test_a_renamed_output_key_fails_where_it_is_read() -> None:
 def test_a_failed_nodes_error_is_its_whole_message_on_one_line() -> None:
     import pydantic
 
-    from pipelines.runner import error_line
+    from vitpipe.pipelines.runner import error_line
 
     class Small(pydantic.BaseModel):
         n: int

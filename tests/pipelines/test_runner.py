@@ -17,12 +17,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster.manifest import load_manifest, read_weights, stage_prefix
-from cluster.store import open_store
-from pipelines.audit import audit
-from pipelines.dag import plan
-from pipelines.runner import run
-from pipelines.spec import PipelineConfig, load_config
+from vitpipe.cluster.manifest import load_manifest, read_weights, stage_prefix
+from vitpipe.cluster.store import open_store
+from vitpipe.pipelines.audit import audit
+from vitpipe.pipelines.dag import plan
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import PipelineConfig, load_config
 
 PRETRAIN = {
     "objective": {"weights": {"localmim": 1.0, "infocl": 1.0},
@@ -148,7 +148,7 @@ def assert_peft_loads_the_adapter(client, store, outcome, run_id: str, keys: dic
     """The logged LoRA adapter is Hugging Face peft's format: PeftModel on the same timm ViT is the task model."""
     from peft import PeftModel
 
-    from tasks.finetune.stage import load_task_model
+    from vitpipe.tasks.finetune.stage import load_task_model
 
     cfg = outcome.node.cfg
     inputs = {"model": outcome.manifest, "data": load_manifest(store, "data", keys["data/faces"]),
@@ -196,7 +196,7 @@ def test_rerun_trains_nothing(first_run) -> None:
 
 
 def test_audit_reads_a_moved_store_when_told_where_and_says_so_when_not(first_run, tmp_path: Path, capsys) -> None:
-    from pipelines.cli import main
+    from vitpipe.pipelines.cli import main
 
     cfg, summary, _, _ = first_run
     recorded = Path(cfg.store_uri).resolve()
@@ -215,7 +215,7 @@ def test_audit_reads_a_moved_store_when_told_where_and_says_so_when_not(first_ru
 
 
 def test_plan_and_audit_create_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
-    from pipelines.cli import main
+    from vitpipe.pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)  # the demo's relative work_dir, which does not exist here
     assert main(["plan"]) == 0
@@ -251,7 +251,7 @@ def test_driver_killed_mid_run_resumes_only_unfinished_nodes(ray_local: str, tmp
     cfg = load_config(path)
     store = open_store(cfg.store_uri)
     env = {**os.environ, "RAY_ADDRESS": ray_local}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "vitpipe.pipelines.cli", "run", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400
     try:

@@ -16,12 +16,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.store import open_store
-from pipelines.cli import main
-from pipelines.dag import plan
-from pipelines.runner import run
-from pipelines.spec import load_config
 from tests.pipelines.test_runner import statuses, write_config
+from vitpipe.cluster.store import open_store
+from vitpipe.pipelines.cli import main
+from vitpipe.pipelines.dag import plan
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import load_config
 
 FAST_FAIL = {"attempts": 2, "backoff_s": 0.1, "timeout_s": 2}
 

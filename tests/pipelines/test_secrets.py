@@ -68,7 +68,7 @@ def test_sentinel_secrets_appear_in_no_output(s3_endpoint: str, s3_bucket: str, 
                                                     "checkpoint_every": 2, "log_every": 2}}}}
         path = tmp_path / "secrets.yaml"
         path.write_text(yaml.safe_dump(config))
-        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "vitpipe.pipelines.cli", "run", str(path)], cwd=ROOT, env=env,
                               capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 

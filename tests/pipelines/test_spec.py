@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.spec import ConfigError, load_config, parse_config
+from vitpipe.pipelines.spec import ConfigError, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 

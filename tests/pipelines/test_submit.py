@@ -18,10 +18,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.manifest import load_manifest
-from cluster.store import open_store
-from pipelines.dag import build_dag, stage_keys
-from pipelines.spec import load_config
+from vitpipe.cluster.manifest import load_manifest
+from vitpipe.cluster.store import open_store
+from vitpipe.pipelines.dag import build_dag, stage_keys
+from vitpipe.pipelines.spec import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "configs" / "demo.yaml"
@@ -91,8 +91,8 @@ def ray_head(s3_endpoint: str) -> Iterator[str]:
 
 def vitpipe(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "vitpipe.pipelines.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_submit_wait_runs_the_pipeline_as_a_ray_job(ray_head: str, mlflow_server: str, s3_bucket: str,

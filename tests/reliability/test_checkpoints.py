@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.checkpoints import CheckpointError, discard_train_run, verify_checkpoint, write_digests
+from vitpipe.cluster.checkpoints import CheckpointError, discard_train_run, verify_checkpoint, write_digests
 
 pytestmark = pytest.mark.reliability
 

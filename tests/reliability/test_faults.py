@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.provenance import code_version
-from pipelines.cli import main
 from tests.pipelines.test_cli import one_error_line
+from vitpipe.cluster.provenance import code_version
+from vitpipe.pipelines.cli import main
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_prepare_to_an_unreachable_s3_is_one_line(tmp_path: Path, capsys, monkey
 
 
 def test_an_undecodable_image_is_named_without_a_bytesio_repr(tmp_path: Path, capsys) -> None:
-    from tasks.data.bundled import textures, write_imagefolder
+    from vitpipe.tasks.data.bundled import textures, write_imagefolder
 
     write_imagefolder(textures(seed=0), tmp_path / "imgs", per_class=5)
     (tmp_path / "imgs" / "brick" / "broken.jpg").write_bytes(b"GIF89a not really an image")
@@ -76,7 +76,7 @@ def test_an_undecodable_image_is_named_without_a_bytesio_repr(tmp_path: Path, ca
 def test_two_first_runs_create_the_sqlite_tracking_db_at_once(tmp_path: Path) -> None:
     """MLflow's first use of a SQLite DB migrates it; two runners starting together on a fresh work_dir both
     did, and one died with alembic's CommandError."""
-    code = ("import sys; from cluster.tracking import Tracker; "
+    code = ("import sys; from vitpipe.cluster.tracking import Tracker; "
             "print(Tracker(sys.argv[1], 'race').experiment_id)")
     uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], cwd=ROOT, stdout=subprocess.PIPE,
@@ -98,7 +98,7 @@ def test_stage_keys_change_with_the_packages_that_shape_numerics() -> None:
 
 
 def test_stage_keys_change_with_an_uncommitted_edit_of_the_source(tmp_path: Path) -> None:
-    from cluster.provenance import SOURCE_PACKAGES, source_digest
+    from vitpipe.cluster.provenance import SOURCE_PACKAGES, source_digest
 
     for package in SOURCE_PACKAGES:
         (tmp_path / package).mkdir()
@@ -123,7 +123,7 @@ def test_a_bad_config_is_refused_before_torch_ray_or_mlflow_are_imported(tmp_pat
     text, message = BAD_CONFIGS[kind]
     path = tmp_path / "p.yaml"
     path.write_text(f"tasks: {{faces: {{source: faces}}}}\n{text}\n")
-    probe = ("import sys\nfrom pipelines.cli import main\nrc = main(['plan', sys.argv[1]])\n"
+    probe = ("import sys\nfrom vitpipe.pipelines.cli import main\nrc = main(['plan', sys.argv[1]])\n"
              "print(rc, sorted(m for m in ('torch', 'ray', 'mlflow', 'timm', 'deepspeed') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
@@ -138,7 +138,7 @@ def test_rays_own_messages_go_to_its_log_folder_and_a_lost_node_is_one_line(ray_
 
     import ray._private.worker as ray_worker
 
-    from cluster.ray_connect import route_ray_messages
+    from vitpipe.cluster.ray_connect import route_ray_messages
 
     out = io.StringIO()
     original = ray_worker.print_to_stdstream
@@ -163,9 +163,9 @@ def test_a_full_disk_is_recognised_through_ray_and_reads_as_one_line(ray_local, 
     """/dev/full answers every write with ENOSPC: the real error, raised in a Ray task as a stage would."""
     import ray
 
-    from cluster.retry import DiskFull, disk_full
-    from cluster.tracking import _is_transient
-    from pipelines.cli import _is_domain_error
+    from vitpipe.cluster.retry import DiskFull, disk_full
+    from vitpipe.cluster.tracking import _is_transient
+    from vitpipe.pipelines.cli import _is_domain_error
 
     @ray.remote
     def write_a_shard() -> None:
@@ -187,8 +187,8 @@ def test_a_full_disk_is_recognised_through_ray_and_reads_as_one_line(ray_local, 
 
 LISTENERS = """
 import sys, psutil, ray
-from cluster.ray_connect import connect_ray
-from pipelines.spec import load_config
+from vitpipe.cluster.ray_connect import connect_ray
+from vitpipe.pipelines.spec import load_config
 cfg = load_config(sys.argv[1]).ray
 connect_ray(cfg.address, cfg.num_cpus, cfg.num_gpus)
 ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])  # workers started too

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.dag import plan
-from pipelines.spec import load_config
+from vitpipe.pipelines.dag import plan
+from vitpipe.pipelines.spec import load_config
 
 pytestmark = pytest.mark.reliability
 
@@ -34,8 +34,8 @@ workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, log_to_driver=False)
 
-from pipelines.runner import run
-from pipelines.spec import load_config
+from vitpipe.pipelines.runner import run
+from vitpipe.pipelines.spec import load_config
 
 cfg = load_config(sys.argv[1])
 removed = {}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster.batches import TensorBatches
-from cluster.checkpoints import CheckpointError
-from cluster.config import Resources, TrainConfig
-from cluster.train import Recipe, TrainJob, _read_result, fit
 from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
+from vitpipe.cluster.batches import TensorBatches
+from vitpipe.cluster.checkpoints import CheckpointError
+from vitpipe.cluster.config import Resources, TrainConfig
+from vitpipe.cluster.train import Recipe, TrainJob, _read_result, fit
 
 pytestmark = pytest.mark.reliability
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster.manifest import load_manifest
-from cluster.retry import RetryPolicy
-from cluster.store import open_store
-from cluster.tracking import Tracker
-from pipelines.execute import NodeEnv, execute_node
-from tasks.prepare.spec import DataNode
-from tasks.spec import Node
+from vitpipe.cluster.manifest import load_manifest
+from vitpipe.cluster.retry import RetryPolicy
+from vitpipe.cluster.store import open_store
+from vitpipe.cluster.tracking import Tracker
+from vitpipe.pipelines.execute import NodeEnv, execute_node
+from vitpipe.tasks.prepare.spec import DataNode
+from vitpipe.tasks.spec import Node
 
 pytestmark = pytest.mark.reliability
 

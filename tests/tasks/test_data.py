@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tasks.data import (
+from vitpipe.tasks.data import (
     SOURCES,
     DataError,
     fingerprint,
@@ -218,7 +218,7 @@ def test_imagefolder_takes_every_format_pil_opens_and_records_what_it_skipped(tm
 
 
 def test_a_non_square_image_is_centre_cropped_not_stretched() -> None:
-    from tasks.data.loading import decode_image
+    from vitpipe.tasks.data.loading import decode_image
 
     strip = np.zeros((32, 96, 3), np.uint8)  # red | green | blue thirds, each 32 x 32
     strip[:, :32, 0], strip[:, 32:64, 1], strip[:, 64:, 2] = 200, 200, 200

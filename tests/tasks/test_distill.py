@@ -9,14 +9,15 @@ from collections import Counter
 import pytest
 import torch
 
-from cluster.batches import DataContext, TensorBatches
-from cluster.manifest import Manifest, read_bytes
-from cluster.store import LocalStore
-from models.settings import ViTSpec
-from models.tocom import load_tocom
-from tasks.backbone import starting_weights
-from tasks.distill.spec import DistillNode
-from tasks.distill.stage import (
+from tests.conftest import run_stage, seeded_encoder
+from vitpipe.cluster.batches import DataContext, TensorBatches
+from vitpipe.cluster.manifest import Manifest, read_bytes
+from vitpipe.cluster.store import LocalStore
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.tocom import load_tocom
+from vitpipe.tasks.backbone import starting_weights
+from vitpipe.tasks.distill.spec import DistillNode
+from vitpipe.tasks.distill.stage import (
     WithDegreePairs,
     build_self_distillation,
     corpus,
@@ -25,10 +26,9 @@ from tasks.distill.stage import (
     heldout_kl,
     sample_pair,
 )
-from tasks.evaluate.spec import EvaluateNode
-from tasks.finetune.spec import FinetuneNode
-from tasks.prepare.spec import DataNode
-from tests.conftest import run_stage, seeded_encoder
+from vitpipe.tasks.evaluate.spec import EvaluateNode
+from vitpipe.tasks.finetune.spec import FinetuneNode
+from vitpipe.tasks.prepare.spec import DataNode
 
 MAX_R = 4  # 64 tokens: 64 -> 60 -> ... -> 48 at r = 4
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})

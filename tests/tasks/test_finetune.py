@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.manifest import read_weights
-from cluster.store import LocalStore
-from models.peft import PEFT_METHODS
-from models.settings import ViTSpec
-from tasks.classification import accuracy
-from tasks.finetune.spec import FinetuneNode
-from tasks.finetune.stage import build_model, load_task_model
-from tasks.prepare.spec import DataNode
 from tests.conftest import run_stage, seeded_encoder
+from vitpipe.cluster.manifest import read_weights
+from vitpipe.cluster.store import LocalStore
+from vitpipe.models.peft import PEFT_METHODS
+from vitpipe.models.settings import ViTSpec
+from vitpipe.tasks.classification import accuracy
+from vitpipe.tasks.finetune.spec import FinetuneNode
+from vitpipe.tasks.finetune.stage import build_model, load_task_model
+from vitpipe.tasks.prepare.spec import DataNode
 
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
 

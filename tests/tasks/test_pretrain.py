@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from cluster.manifest import Manifest, read_bytes, read_weights
-from cluster.store import LocalStore
-from models.settings import ViTSpec
-from tasks.prepare.spec import DataNode
-from tasks.pretrain.spec import PretrainNode
 from tests.conftest import run_stage
+from vitpipe.cluster.manifest import Manifest, read_bytes, read_weights
+from vitpipe.cluster.store import LocalStore
+from vitpipe.models.settings import ViTSpec
+from vitpipe.tasks.prepare.spec import DataNode
+from vitpipe.tasks.pretrain.spec import PretrainNode
 
 OBJECTIVE = {"weights": {"localmim": 1.0, "infocl": 1.0},
              "localmim": {"taps": [1, 3], "scales": [2.0, 1.0], "weights": [1.0, 1.0], "dec_dim": 32, "dec_heads": 2},

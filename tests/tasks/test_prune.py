@@ -10,20 +10,20 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cluster.manifest import Manifest, StageWriter, read_bytes
-from cluster.store import LocalStore
-from cluster.tracking import Tracker
-from models.deploy import load
-from models.settings import ViTSpec
-from models.tocom import TokenCompensator, save_tocom
-from pipelines.dag import build_dag
-from pipelines.spec import ConfigError, load_config
-from tasks.classification import accuracy
-from tasks.finetune.spec import FinetuneNode
-from tasks.prepare.spec import DataNode
-from tasks.prune import stage as prune
-from tasks.prune.spec import PruneNode
 from tests.conftest import run_stage, seeded_encoder
+from vitpipe.cluster.manifest import Manifest, StageWriter, read_bytes
+from vitpipe.cluster.store import LocalStore
+from vitpipe.cluster.tracking import Tracker
+from vitpipe.models.deploy import load
+from vitpipe.models.settings import ViTSpec
+from vitpipe.models.tocom import TokenCompensator, save_tocom
+from vitpipe.pipelines.dag import build_dag
+from vitpipe.pipelines.spec import ConfigError, load_config
+from vitpipe.tasks.classification import accuracy
+from vitpipe.tasks.finetune.spec import FinetuneNode
+from vitpipe.tasks.prepare.spec import DataNode
+from vitpipe.tasks.prune import stage as prune
+from vitpipe.tasks.prune.spec import PruneNode
 
 BACKBONE = ViTSpec(overrides={"global_pool": "avg", "class_token": False})
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
@@ -129,7 +129,7 @@ def assert_served_as_pyfunc(world: dict, registered: dict[str, str], test_accura
     stage measured (uint8 RGB images in, class names out)."""
     import mlflow.pyfunc
 
-    from tasks.classification import cached_split
+    from vitpipe.tasks.classification import cached_split
 
     uri = f"models:/{registered['name']}/{registered['version']}"
     mlflow.set_tracking_uri(world["tracker"].uri)  # models:/ resolves through both; MLflow's defaults would
@@ -212,8 +212,8 @@ def test_flags_name_models_a_user_would_not_keep() -> None:
 def test_the_summary_says_which_models_were_flagged_and_withheld() -> None:
     from types import SimpleNamespace
 
-    from tasks.prune.spec import PruneOutputs, summary
-    from tasks.spec import Committed
+    from vitpipe.tasks.prune.spec import PruneOutputs, summary
+    from vitpipe.tasks.spec import Committed
 
     side = {"test_accuracy": 0.1, "params": 1e6, "flops": 1e9, "latency_ms_b1": 1.0, "throughput_b64": 100.0}
     outputs = PruneOutputs(task="digits", method="lora", pruner="resrep", keep_ratio=0.5, merged=True,
