@@ -25,12 +25,14 @@ import torch
 import yaml
 from recording import record
 
+from vitpipe.cluster.store import open_store
 from vitpipe.cluster.train import param_groups
 from vitpipe.pipelines.runner import run
 from vitpipe.pipelines.spec import load_config
 from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip
 from vitpipe.tasks.finetune.spec import FinetuneNode
 from vitpipe.tasks.finetune.stage import build_model
+from vitpipe.tasks.prepare.spec import DataOutputs
 
 METHODS = ("linear", "bitfit", "lora", "adaptformer", "fact_tt", "fact_tk", "vpt", "full")
 BATCH = 32
@@ -61,7 +63,8 @@ def through_runner(path: Path) -> tuple[float, list[float], list[float], list[Fi
     assert summary.ok, [o.error for o in summary.outcomes if o.error]
     nodes = [o for o in summary.outcomes if o.node.kind == "finetune"]
     assert all(o.status == "ran" for o in nodes)
-    data = next(o for o in summary.outcomes if o.node.kind == "data").manifest.outputs
+    outputs = DataOutputs.of(next(o for o in summary.outcomes if o.node.kind == "data").manifest)
+    data = {"classes": outputs.classes, "uri": outputs.uri(open_store(cfg.store_uri))}
     return (wall, [o.seconds for o in nodes], [o.manifest.timings["seconds"] for o in nodes],
             [o.node.cfg for o in nodes], data)
 

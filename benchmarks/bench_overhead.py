@@ -21,12 +21,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from recording import record
 
+from vitpipe.cluster.store import open_store
 from vitpipe.cluster.train import param_groups
 from vitpipe.pipelines.runner import run
 from vitpipe.pipelines.spec import load_config
 from vitpipe.tasks.classification import cached_split, classification_loss, flip
 from vitpipe.tasks.finetune.spec import FinetuneNode
 from vitpipe.tasks.finetune.stage import build_model
+from vitpipe.tasks.prepare.spec import DataOutputs
 
 
 def pipeline_config(work: Path, steps: int) -> Path:
@@ -95,8 +97,8 @@ def main() -> None:
 
         stage = stage_throughput(cfg.tracking, first.run_id)
         node = next(o for o in first.outcomes if o.node.kind == "finetune")
-        data = next(o for o in first.outcomes if o.node.kind == "data").manifest.outputs
-        bare = bare_throughput(node.node.cfg, data["uri"], len(data["classes"]), args.steps, 64)
+        data = DataOutputs.of(next(o for o in first.outcomes if o.node.kind == "data").manifest)
+        bare = bare_throughput(node.node.cfg, data.uri(open_store(cfg.store_uri)), len(data.classes), args.steps, 64)
 
     lines = [
         f"finetune stage: {stage:.0f} img/s, bare PyTorch loop: {bare:.0f} img/s -> ratio {stage / bare:.3f} "

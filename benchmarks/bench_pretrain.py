@@ -27,12 +27,14 @@ import yaml
 from bench_overhead import stage_throughput  # benchmarks/ is the script's own folder
 from recording import Bench
 
+from vitpipe.cluster.store import open_store
 from vitpipe.cluster.train import param_groups, warmup_cosine
 from vitpipe.models.settings import PretrainObjectiveConfig, ViTSpec
 from vitpipe.pipelines.runner import run
 from vitpipe.pipelines.spec import load_config
 from vitpipe.tasks.classification import cached_split
 from vitpipe.tasks.data import prepare
+from vitpipe.tasks.prepare.spec import DataOutputs
 from vitpipe.tasks.pretrain.spec import PretrainNode
 from vitpipe.tasks.pretrain.stage import PretrainModel, linear_probe, two_views
 
@@ -103,7 +105,8 @@ def main() -> None:
         result = run(cfg, io.StringIO())
         assert result.ok, [o.error for o in result.outcomes if o.error]
         stage = stage_throughput(cfg.tracking, result.run_id, "pretrain")
-        corpus = next(o for o in result.outcomes if o.node.name == "data/corpus").manifest.outputs["uri"]
+        corpus = DataOutputs.of(next(o for o in result.outcomes if o.node.name == "data/corpus").manifest).uri(
+            open_store(cfg.store_uri))
         both, _, bare = bare_pretrain(FULL, corpus, args.steps)
 
         digits = prepare("digits", str(work / "digits")).uri

@@ -74,9 +74,9 @@ def digits_uri(work: Path) -> str:
     from vitpipe.cluster.store import LocalStore
     from vitpipe.pipelines.execute import run_stage
 
-    manifest = run_stage("data", "digits", DataNode(source="digits"), {}, LocalStore(str(work / "store")),
-                         train_storage=str(work / "ray"))
-    return DataOutputs.of(manifest).uri
+    store = LocalStore(str(work / "store"))
+    manifest = run_stage("data", "digits", DataNode(source="digits"), {}, store, train_storage=str(work / "ray"))
+    return DataOutputs.of(manifest).uri(store)
 
 
 def distill_tocom(model: nn.Module, images: torch.Tensor, max_r: int, steps: int) -> TokenCompensator:

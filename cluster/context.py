@@ -111,9 +111,6 @@ class StageContext:
         if self.tracker and self.run_id:
             self.tracker.set_tags(self.run_id, tags)
 
-    def dataset_uri(self, name: str) -> str:
-        """URI of a file this stage writes, for readers that open it by URI (pyarrow, Ray Data)."""
-        return f"{self.store.uri.rstrip('/')}/{self.writer.prefix}/{name}"
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ import hashlib
 import json
 import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vitpipe.cluster.store import ArtifactStore, StoreError, clean_key
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def _entry(data: bytes) -> FileEntry:
 
 def weights_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Tensors as safetensors bytes (moved to CPU and made contiguous)."""
+    import safetensors.torch  # here: reading manifests (the runner, audit) needs no torch
+
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return safetensors.torch.save(cpu, metadata=metadata)
 
@@ -221,4 +224,6 @@ def read_json(store: ArtifactStore, manifest: Manifest, name: str) -> Any:
 
 def read_weights(store: ArtifactStore, manifest: Manifest, name: str) -> dict[str, torch.Tensor]:
     """A safetensors output file as CPU tensors, checksum-verified (never unpickled)."""
+    import safetensors.torch
+
     return safetensors.torch.load(read_bytes(store, manifest, name))

@@ -14,15 +14,14 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from vitpipe.cluster.fs import redact
 from vitpipe.cluster.retry import DEFAULT_RETRY, RetryPolicy, TransientError, disk_full
 from vitpipe.cluster.store import StoreError, clean_key
+
+if TYPE_CHECKING:  # MLflow is imported where a client is made: a Tracker travels to Ray tasks without it
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ def _open_sqlite_store(uri: str) -> MlflowClient:
     fail."""
     import fcntl
 
+    from mlflow.tracking import MlflowClient
+
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
@@ -100,6 +101,8 @@ class Tracker:
             if self.uri.startswith("sqlite:///"):
                 self._client = _open_sqlite_store(self.uri)
             else:
+                from mlflow.tracking import MlflowClient
+
                 self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -152,11 +155,15 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, redact(v)) for k, v in params.items()]
         for i in range(0, len(items), BATCH):
             self._call("log params", self.client.log_batch, run_id, params=items[i:i + BATCH])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), BATCH):
@@ -166,6 +173,8 @@ class Tracker:
                     context: str) -> None:
         """A dataset the run read, in MLflow's datasets table: its content fingerprint as the digest (the first
         36 hex digits: MLflow's column width), its location, its row and class counts, its role."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
         source = json.dumps({"uri": redact(uri)})
         dataset = Dataset(name, fingerprint[:36], "s3" if uri.startswith("s3://") else "local", source,
                           profile=redact(json.dumps(profile, sort_keys=True)))
@@ -173,6 +182,8 @@ class Tracker:
         self._call("log a dataset", self.client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self._call("set tags", self.client.log_batch, run_id,
                    tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
@@ -257,6 +268,8 @@ EXPERIMENT_TAGS = {
 
 def _is_transient(err: Exception) -> bool:
     """A client error (4xx other than 429: bad value, missing run) or a full disk will not go away by retrying."""
+    from mlflow.exceptions import MlflowException
+
     if disk_full(err, "") is not None:
         return False
     if isinstance(err, MlflowException):

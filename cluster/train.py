@@ -41,13 +41,14 @@ class Recipe:
     """A stage's training problem, composed from plain functions (all picklable).
 
     data(ctx) yields this rank's micro-batches in step order starting at ctx.start_step;
-    loss(model, batch) -> (scalar loss, {name: float}); evaluate(model) -> metrics (rank 0 only);
+    loss(model, batch) -> (scalar loss, {name: detached 0-dim tensor}): the loop sums them on the device and
+    reads them once per log or checkpoint step (StepMetrics); evaluate(model) -> metrics (rank 0 only);
     select_metric: keep the trainable state with the highest value of this evaluation metric.
     """
 
     build_model: Callable[[], nn.Module]
     data: Callable[[DataContext], Iterator[Any]]
-    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     select_metric: str | None = None
 
@@ -123,12 +124,47 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
     }
 
 
-def _all_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return float(t.item())
+class StepMetrics:
+    """Per-step training metrics kept on the device: micro-batch values are summed there (no host sync per
+    micro-step), and the steps since the last read are averaged over ranks in one all-reduce and copied to the
+    host in one transfer, at log and checkpoint steps only."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.names: tuple[str, ...] | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: list[torch.Tensor] = []
+        self.steps: list[int] = []
+
+    def add(self, values: dict[str, torch.Tensor | float], weight: float) -> None:
+        for name, value in values.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+            value = value.to(self.device, torch.float64, non_blocking=True) * weight
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def end_step(self, step: int) -> None:
+        names = tuple(self.sums)
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise ValueError(f"the recipe's loss parts changed from {self.names} to {names} at step {step}")
+        self.rows.append(torch.stack([self.sums[n] for n in names]))
+        self.steps.append(step)
+        self.sums = {}
+
+    def read(self) -> list[dict[str, float]]:
+        """The rows since the last read, averaged over ranks: [{"step": s, name: value, ...}]."""
+        if not self.rows:
+            return []
+        table = torch.stack(self.rows)
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(table)
+            table /= dist.get_world_size()
+        rows = [{"step": s, **dict(zip(self.names, values, strict=True))}
+                for s, values in zip(self.steps, table.tolist(), strict=True)]
+        self.rows, self.steps = [], []
+        return rows
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -166,29 +202,32 @@ def train_loop(job: TrainJob, session: Session) -> None:
         DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
                     state["step"], cfg.steps, job.seed, session.dataset_shard)
     )
+    tracked = StepMetrics(device)
     window_start, window_images = time.perf_counter(), 0
     for step in range(state["step"], cfg.steps):
         engine.train()
-        sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             batch = _to_device(next(data), device)
             loss, parts = recipe.loss(engine, batch)
             engine.backward(loss)
             engine.step()
             window_images += _batch_len(batch) * world
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-        metrics = {k: _all_mean(v, device) for k, v in sums.items()}
+            tracked.add({"loss": loss, **parts}, 1 / cfg.grad_accum)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        tracked.end_step(done)
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
+        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if log_now or checkpoint_now:
+            state["history"] += tracked.read()  # the one host sync of these steps
+        if log_now:
             elapsed = time.perf_counter() - window_start
+            metrics = {k: v for k, v in state["history"][-1].items() if k != "step"}
             metrics["images_per_s"] = window_images / max(elapsed, 1e-9)
             metrics["lr"] = engine.get_lr()[0]
             window_start, window_images = time.perf_counter(), 0
             if rank == 0 and job.on_log is not None:
                 job.on_log(done, cfg.steps, metrics)
-        state["history"].append({"step": done, **{k: v for k, v in metrics.items() if k in sums}})
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if checkpoint_now:
             _checkpoint(engine, job, state, done, session)
     if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
         _checkpoint(engine, job, state, cfg.steps, session)

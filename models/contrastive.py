@@ -178,7 +178,7 @@ class InfoCL(nn.Module):
 
     def forward(
         self, vit: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """view1, view2: (N, 3, H, W) two augmentations of a batch -> (loss, {"contrastive", "regularizer"}).
 
         loss = contrastive + regularizer, where regularizer = lambda * RC or -lambda * I_LBE.
@@ -189,7 +189,7 @@ class InfoCL(nn.Module):
         hs = [[self._sample(mu) for mu in levels] for levels in mus]
         contrastive = self._base_loss(hs[0][-1], hs[1][-1], view1, view2)
         regularizer = self._regularizer(mus, hs, (view1, view2))
-        stats = {"contrastive": float(contrastive.detach()), "regularizer": float(regularizer.detach())}
+        stats = {"contrastive": contrastive.detach(), "regularizer": regularizer.detach()}
         return contrastive + regularizer, stats
 
     def _sample(self, mu: torch.Tensor) -> torch.Tensor:

@@ -182,8 +182,8 @@ class LocalMIM(nn.Module):
 
     def forward(
         self, vit: VisionTransformer, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """images: (B, 3, H, W) normalised -> (weighted sum of the tap losses, {"mim_tap{k}": loss_k})."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images: (B, 3, H, W) normalised -> (weighted sum of the tap losses, {"mim_tap{k}": loss_k detached})."""
         losses = self.tap_losses(vit, images, generator)
         total = sum(w * loss for w, loss in zip(self.cfg.weights, losses, strict=True))
-        return total, {f"mim_tap{k}": float(loss.detach()) for k, loss in zip(self.taps, losses, strict=True)}
+        return total, {f"mim_tap{k}": loss.detach() for k, loss in zip(self.taps, losses, strict=True)}

@@ -29,11 +29,12 @@ class PretrainObjective(nn.Module):
 
     def forward(
         self, vit: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """view1, view2: (N, 3, H, W) augmented views -> (total loss, per-objective and per-term floats)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """view1, view2: (N, 3, H, W) augmented views -> (total loss, per-objective and per-term detached
+        values)."""
         total, stats = 0.0, {}
         for name, objective in self.objectives.items():
             loss, terms = objective(vit, *(view1, view2)[: objective.num_views])
             total = total + self.cfg.weights[name] * loss
-            stats.update(terms, **{name: float(loss.detach())})
+            stats.update(terms, **{name: loss.detach()})
         return total, stats

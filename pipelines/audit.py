@@ -25,6 +25,18 @@ class AuditRow:
     cached: str
     upstream: dict[str, str]
     problems: list[str]
+    run_id: str  # the node's MLflow child run
+    names: str = ""  # what the node's outputs name outside the store: its data source, its registered model
+
+
+def outside_names(outputs: dict) -> str:
+    """A data node's source, a prune node's registered model version (or that it was not registered)."""
+    if "source" in outputs:
+        return f"source {outputs['source']}"
+    if "registered" in outputs:
+        model = outputs["registered"]
+        return f"registered models:/{model['name']}/{model['version']}" if model else "not registered"
+    return ""
 
 
 def audit(run_id: str, tracking_uri: str, store_uri: str | None = None
@@ -57,7 +69,8 @@ def audit(run_id: str, tracking_uri: str, store_uri: str | None = None
         manifest = load_manifest(store, kind, key, verify=False)
         problems = ["manifest missing"] if manifest is None else verify_manifest(store, manifest)
         rows.append(AuditRow(t["vitpipe.node"], kind, key, t.get("vitpipe.cached", "?"),
-                             json.loads(t.get("vitpipe.upstream", "{}")), problems))
+                             json.loads(t.get("vitpipe.upstream", "{}")), problems, child.info.run_id,
+                             outside_names(manifest.outputs) if manifest else ""))
     return tags, rows, store.uri
 
 
@@ -67,7 +80,8 @@ def format_audit(run_id: str, tags: dict[str, str], rows: list[AuditRow], tracki
     for r in rows:
         state = "ok" if not r.problems else "CORRUPT: " + "; ".join(r.problems)
         up = ", ".join(f"{role}={k[:12]}" for role, k in r.upstream.items()) or "-"
-        lines.append(f"  {r.node:<36} {r.key[:12]}  cached={r.cached:<3}  <- {up}  [{state}]")
+        names = f"  {r.names}" if r.names else ""
+        lines.append(f"  {r.node:<36} {r.key[:12]}  run {r.run_id}  cached={r.cached:<3}  <- {up}  [{state}]{names}")
     bad = sum(bool(r.problems) for r in rows)
     lines.append(f"{len(rows)} nodes, {len(rows) - bad} verified, {bad} with problems")
     return "\n".join(lines)

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI, else the demo's)")
     audit.add_argument("--store", help="the run's artifact store, if it moved (default: the one the run recorded)")
 
+    move = sub.add_parser("relocate", help="after moving or copying a work_dir: point its MLflow records into it")
+    move.add_argument("work_dir", help="the work folder where it is now (holding mlflow.db)")
+
     table = sub.add_parser("peft-table", help="trainable parameters and stored delta size of every PEFT method")
     table.add_argument("--arch", default="vit_base_patch16_224", help="timm ViT name (architecture only)")
     table.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -210,6 +213,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if all(not r.problems for r in rows) else 1
 
 
+def cmd_relocate(args: argparse.Namespace) -> int:
+    from vitpipe.pipelines.relocate import relocate
+
+    moved = relocate(args.work_dir)
+    if not moved.old:
+        print(f"{moved.new}: MLflow's records already point here")
+    else:
+        print(f"{moved.new}: {moved.rows} MLflow records now point here (were under {', '.join(moved.old)})")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from vitpipe.tasks.data import DataError, prepare, resolve_source
 
@@ -275,7 +289,7 @@ def cmd_peft_table(args: argparse.Namespace) -> int:
 DOMAIN_ERRORS = tuple((f"vitpipe.{module}", name) for module, name in (
     ("cluster.store", "StoreError"), ("cluster.retry", "DiskFull"), ("cluster.submit", "SubmitError"),
     ("cluster.tracking", "TrackingError"), ("pipelines.audit", "AuditError"), ("pipelines.spec", "ConfigError"),
-    ("tasks.data", "DataError"), ("models.weights", "WeightsError")))
+    ("tasks.data", "DataError"), ("models.weights", "WeightsError"), ("pipelines.relocate", "RelocateError")))
 
 
 def _is_domain_error(err: Exception) -> bool:
@@ -291,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     handlers = {"plan": cmd_plan, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs,
-                "audit": cmd_audit, "data": cmd_data, "peft-table": cmd_peft_table,
+                "audit": cmd_audit, "relocate": cmd_relocate, "data": cmd_data, "peft-table": cmd_peft_table,
                 "weights": cmd_weights}
     try:
         return handlers[args.command](args)

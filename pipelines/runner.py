@@ -167,8 +167,8 @@ class _Run:
             if made is not None and made.manifest is not None:
                 out = DataOutputs.of(made.manifest)
                 profile = {"rows": out.counts, "classes": len(out.classes), "source": out.source}
-                self.tracker.log_dataset(run_id, node.deps[role].removeprefix("data/"), out.fingerprint, out.uri,
-                                         profile, "training")
+                self.tracker.log_dataset(run_id, node.deps[role].removeprefix("data/"), out.fingerprint,
+                                         out.uri(self.store), profile, "training")
         return run_id
 
     def open_node(self, node: Node) -> None:

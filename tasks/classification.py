@@ -34,7 +34,7 @@ def flip(batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator):
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     x, y = batch
     logits = model(normalize(x))
-    accuracy = (logits.argmax(-1) == y).float().mean().item()
+    accuracy = (logits.argmax(-1) == y).float().mean()
     return nn.functional.cross_entropy(logits, y), {"train_accuracy": accuracy}
 
 

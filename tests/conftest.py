@@ -198,3 +198,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
     with start_mlflow_server(root, str(root / "artifacts")) as url:
         yield url
+
+
+def shards_uri(world: dict, name: str) -> str:
+    """Where a test world's data node `name` keeps its shards (its outputs hold them relative to the store)."""
+    from vitpipe.tasks.prepare.spec import DataOutputs
+
+    return DataOutputs.of(world[name]).uri(world["store"])

@@ -155,7 +155,7 @@ def evaluate_distillation(cfg: DistillNode, encoder: BackboneWeights | None, see
 
 
 def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> StageResult:
-    uri, size = DataOutputs.of(inputs["corpus"]).uri, cfg.backbone.img_size
+    uri, size = DataOutputs.of(inputs["corpus"]).uri(ctx.store), cfg.backbone.img_size
     encoder = starting_weights(ctx.store, inputs, cfg.backbone)
     backbone_kind = backbone_tag(encoder)
     ctx.set_tags({"vitpipe.backbone": backbone_kind})

@@ -82,7 +82,7 @@ def check_backbones(ctx: StageContext, inputs: dict[str, Manifest], spec: ViTSpe
 def run(ctx: StageContext, cfg: EvaluateNode, inputs: dict[str, Manifest]) -> StageResult:
     """inputs: "model" (finetune), "data", "tocom" (distill), optional "backbone" (the pretrained encoder)."""
     check_backbones(ctx, inputs, cfg.model.backbone)
-    r_src, uri, size = cfg.model.r_src, DataOutputs.of(inputs["data"]).uri, cfg.model.backbone.img_size
+    r_src, uri, size = cfg.model.r_src, DataOutputs.of(inputs["data"]).uri(ctx.store), cfg.model.backbone.img_size
     model = apply_tome(load_task_model(ctx.store, cfg.model, inputs, ctx.seed), r_src)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
     state = plug(model, tocom, 0, 0)

@@ -104,7 +104,7 @@ def choose_scale(cfg: FinetuneNode, fit: Callable[[FinetuneNode, str], Fitted]
 
 def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> StageResult:
     data = DataOutputs.of(inputs["data"])
-    uri, num_classes, size = data.uri, len(data.classes), cfg.backbone.img_size
+    uri, num_classes, size = data.uri(ctx.store), len(data.classes), cfg.backbone.img_size
     backbone = starting_weights(ctx.store, inputs, cfg.backbone)
     ctx.set_tags({"vitpipe.backbone": backbone_tag(backbone)})
     train_split = functools.partial(cached_split, uri, "train", size)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
 from vitpipe.tasks.config import Frozen
 from vitpipe.tasks.spec import Node, Outputs, Pipeline, Plan, PlanError, StageSpec
+
+if TYPE_CHECKING:
+    from vitpipe.cluster.store import ArtifactStore
 
 
 class DatasetSpec(Frozen):
@@ -52,11 +56,15 @@ class DataNode(Frozen):
 class DataOutputs(Outputs):
     """Where the shards are, what they hold, and the dataset's fingerprint (sha256 of its shard digests)."""
 
-    uri: str
+    shards: str = Field(description="the shards' folder, relative to the store: a moved store keeps working")
     source: str
     classes: tuple[str, ...]
     counts: dict[str, int]
     fingerprint: str
+
+    def uri(self, store: ArtifactStore) -> str:
+        """Where readers (pyarrow, Ray Data) open the shards, in `store` as it is now."""
+        return f"{store.uri.rstrip('/')}/{self.shards}"
 
 
 def data_node(plan: Plan, name: str, spec: DatasetSpec, where: str) -> str:

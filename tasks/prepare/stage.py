@@ -17,7 +17,7 @@ def run(ctx: StageContext, cfg: DataNode, inputs: dict[str, Any]) -> StageResult
         info = prepare(cfg.source, tmp, seed=ctx.seed, rows_per_shard=cfg.rows_per_shard)
         for name in sorted(os.listdir(tmp)):
             ctx.writer.put_file(f"shards/{name}", os.path.join(tmp, name))
-    outputs = DataOutputs(uri=ctx.dataset_uri("shards"), source=cfg.source, classes=tuple(info.classes),
+    outputs = DataOutputs(shards=f"{ctx.writer.prefix}/shards", source=cfg.source, classes=tuple(info.classes),
                           counts=info.counts, fingerprint=info.fingerprint)
     ctx.set_tags({"vitpipe.data.fingerprint": info.fingerprint, "vitpipe.data.source": cfg.source})
     return StageResult(metrics={f"rows_{k}": float(v) for k, v in info.counts.items()}, outputs=outputs)

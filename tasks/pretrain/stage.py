@@ -68,7 +68,7 @@ def linear_probe(vit: nn.Module, uri: str, size: int) -> float:
 
 
 def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> StageResult:
-    corpus = DataOutputs.of(inputs["corpus"]).uri
+    corpus = DataOutputs.of(inputs["corpus"]).uri(ctx.store)
     size = cfg.backbone.img_size
     contrastive = cfg.objective.weights.get("infocl", 0) > 0
     views = functools.partial(two_views, contrastive)
@@ -89,7 +89,7 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
     random_vit = cfg.backbone.build(num_classes=0)
     for role, manifest in inputs.items():
         if role.startswith(PROBE_PREFIX):
-            task, uri = role.removeprefix(PROBE_PREFIX), DataOutputs.of(manifest).uri
+            task, uri = role.removeprefix(PROBE_PREFIX), DataOutputs.of(manifest).uri(ctx.store)
             metrics[f"probe_accuracy.{task}"] = linear_probe(model.vit, uri, size)
             metrics[f"probe_accuracy_random_init.{task}"] = linear_probe(random_vit, uri, size)
             if init is not None:

@@ -98,7 +98,7 @@ def merge_tocom(ctx: StageContext, cfg: PruneNode, model: VisionTransformer, str
         return None
     check_backbones(ctx, inputs, cfg.model.backbone)
     tocom = load_tocom(read_bytes(ctx.store, inputs["tocom"], "tocom.safetensors")).eval()
-    uri, size = DataOutputs.of(inputs["data"]).uri, cfg.model.backbone.img_size
+    uri, size = DataOutputs.of(inputs["data"]).uri(ctx.store), cfg.model.backbone.img_size
     delta = (min(r_src, tocom.max_r), min(r_tgt, tocom.max_r))
     val = {}
     for scale in cfg.tocom_scales:
@@ -228,7 +228,7 @@ def run(ctx: StageContext, cfg: PruneNode, inputs: dict[str, Manifest]) -> Stage
     # the task model as it was trained (with the scale its finetune node chose): what is merged and exported
     cfg = cfg.model_copy(update={"model": trained_node(cfg.model, FinetuneOutputs.of(inputs["model"]))})
     ft, data = cfg.model, DataOutputs.of(inputs["data"])
-    uri, size, r_src = data.uri, ft.backbone.img_size, ft.r_src
+    uri, size, r_src = data.uri(ctx.store), ft.backbone.img_size, ft.r_src
     baseline = merged_baseline(ctx, ft, inputs)
     started = time.perf_counter()
     model, structure, trained = prune_and_convert(ctx, cfg, baseline, uri, size)

@@ -12,7 +12,7 @@ from torch import nn
 from tests.tiny_recipe import digits_tensors, mlp, mlp_accuracy, mlp_loss
 from vitpipe.cluster.batches import StreamedBatches, TensorBatches
 from vitpipe.cluster.config import Resources, TrainConfig
-from vitpipe.cluster.train import Recipe, TrainJob, fit
+from vitpipe.cluster.train import Recipe, StepMetrics, TrainJob, fit
 
 
 class _CrashOnce:
@@ -103,3 +103,16 @@ def test_workers_stream_a_ray_dataset_for_several_passes(ray_local, tmp_path: Pa
     assert [h["step"] for h in result.history] == list(range(1, 41))
     assert _losses(result)[-8:].mean() < _losses(result)[:8].mean() * 0.7
     assert result.metrics["accuracy"] > 0.8
+
+
+def test_step_metrics_average_micro_batches_on_the_device_and_read_once() -> None:
+    tracked = StepMetrics(torch.device("cpu"))
+    for step, values in ((1, (1.0, 3.0)), (2, (5.0, 7.0))):
+        for v in values:  # two micro-batches: a tensor and a float part
+            tracked.add({"loss": torch.tensor(v), "acc": v / 10}, 0.5)
+        tracked.end_step(step)
+    assert tracked.read() == [{"step": 1, "loss": 2.0, "acc": 0.2}, {"step": 2, "loss": 6.0, "acc": 0.6}]
+    assert tracked.read() == []  # read rows are gone
+    tracked.add({"loss": torch.tensor(1.0)}, 1.0)
+    with pytest.raises(ValueError, match=r"loss parts changed from \('loss', 'acc'\) to \('loss',\) at step 3"):
+        tracked.end_step(3)

@@ -217,7 +217,7 @@ def test_evaluation_is_deterministic(base: str, regularizer: str) -> None:
     with torch.no_grad():
         first, second = objective(vit, *views), objective(vit, *views)
     assert torch.equal(first[0], second[0]) and first[1] == second[1]
-    assert torch.allclose(first[0], torch.tensor(sum(first[1].values())), atol=1e-5)
+    assert torch.allclose(first[0], sum(first[1].values()), atol=1e-5)
     assert all(torch.equal(v, objective.state_dict()[k]) for k, v in state.items())  # no EMA step in eval
     if regularizer == "lbe":
         vit.train(), objective.train()

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,9 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
         assert tags["vitpipe.cached"] == "no" and child.info.status == "FINISHED"
         manifest = load_manifest(store, tags["vitpipe.stage.kind"], tags["vitpipe.stage.key"])
         assert manifest is not None and manifest.mlflow_run_id == child.info.run_id
+        # MLflow's duration is the node's: its run opens when the stage starts and closes when it commits
+        in_stage = manifest.timings["finished_at"] - manifest.timings["started_at"]
+        assert abs((child.info.end_time - child.info.start_time) / 1000 - in_stage) < 3, (tags, in_stage)
         assert "manifest.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         if tags["vitpipe.stage.kind"] == "finetune":
             assert set(json.loads(tags["vitpipe.upstream"])) == {"data", "backbone"}
@@ -212,6 +216,34 @@ def test_audit_reads_a_moved_store_when_told_where_and_says_so_when_not(first_ru
         assert not recorded.exists()  # a read-only command created nothing
     finally:
         moved.rename(recorded)
+
+
+def test_a_copied_work_folder_is_relocated_then_audited_where_it_is(first_run, tmp_path: Path, capsys) -> None:
+    """MLflow records absolute artifact locations; `vitpipe relocate` points a copy's records into the copy."""
+    from vitpipe.pipelines.cli import main
+
+    cfg, summary, _, _ = first_run
+    original = Path(cfg.work_dir).resolve()
+    copy = (tmp_path / "elsewhere" / "work").resolve()
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("ray-train", "*.lock"))
+    tracking = f"sqlite:///{copy / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    child = next(o.manifest.mlflow_run_id for o in summary.outcomes if o.node.name == "finetune/faces/lora")
+    assert client.get_run(child).info.artifact_uri.startswith(original.as_uri() + "/")  # the copy's records
+
+    assert main(["relocate", str(copy)]) == 0
+    assert f"MLflow records now point here (were under {original})" in capsys.readouterr().out
+    assert client.get_run(child).info.artifact_uri.startswith(copy.as_uri() + "/")
+    got = Path(client.download_artifacts(child, "manifest.json", str(tmp_path)))
+    assert got.read_bytes() == next(copy.glob(f"mlflow-artifacts/**/{child}/artifacts/manifest.json")).read_bytes()
+    assert client.get_run(summary.run_id).data.tags["vitpipe.store"] == str(copy / "artifacts")
+    assert main(["audit", summary.run_id, "--tracking-uri", tracking]) == 0  # no --store: the copy's own
+    out = capsys.readouterr().out
+    assert f"store {copy / 'artifacts'}" in out and "8 nodes, 8 verified, 0 with problems" in out
+    assert f"run {child}" in out and "source faces" in out  # MLflow run ids and data sources listed
+    assert MlflowClient(cfg.tracking).get_run(child).info.artifact_uri.startswith(original.as_uri() + "/")
+    assert main(["relocate", str(copy)]) == 0 and "already point here" in capsys.readouterr().out
+    assert main(["relocate", str(tmp_path)]) == 2 and "no mlflow.db here" in capsys.readouterr().err
 
 
 def test_plan_and_audit_create_nothing(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.conftest import run_stage, seeded_encoder
+from tests.conftest import run_stage, seeded_encoder, shards_uri
 from vitpipe.cluster.batches import DataContext, TensorBatches
 from vitpipe.cluster.manifest import Manifest, read_bytes
 from vitpipe.cluster.store import LocalStore
@@ -81,7 +81,7 @@ def test_only_tocom_trains_and_the_backbone_check_sees_a_change(world: dict) -> 
     model = build_self_distillation(cfg, MAX_R, None, seed=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in model.named_parameters() if name.startswith("token_compensator.")}
-    uri, pairs = world["corpus"].outputs["uri"], degree_pairs(MAX_R)
+    uri, pairs = shards_uri(world, "corpus"), degree_pairs(MAX_R)
     assert evaluate_distillation(cfg, None, 0, uri, pairs, model.eval())["backbone_unchanged"] == 1.0
     with torch.no_grad():
         model.backbone.blocks[1].mlp.fc1.weight[0, 0] += 1e-6
@@ -107,7 +107,7 @@ def test_stored_tocom_loads_back_and_reproduces_the_reported_kl(world: dict, dis
     encoder = starting_weights(world["store"], {"backbone": world["backbone"]}, cfg.backbone)
     model = build_self_distillation(cfg, MAX_R, encoder, seed=0)
     model.token_compensator.load_state_dict(tocom.state_dict())
-    held = corpus(world["corpus"].outputs["uri"], 32, cfg.heldout, "heldout")[0]
+    held = corpus(shards_uri(world, "corpus"), 32, cfg.heldout, "heldout")[0]
     kl = heldout_kl(model.eval(), held, degree_pairs(MAX_R), cfg.tau)
     for name in ("heldout_kl_without", "heldout_kl_with"):
         assert kl[name] == pytest.approx(manifest.metrics[name], rel=1e-4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import run_stage, seeded_encoder
+from tests.conftest import run_stage, seeded_encoder, shards_uri
 from vitpipe.cluster.manifest import read_weights
 from vitpipe.cluster.store import LocalStore
 from vitpipe.models.peft import PEFT_METHODS
@@ -42,7 +42,7 @@ def test_fine_tuning_beats_chance_and_stores_only_the_delta(world: dict) -> None
     trainable = PEFT_METHODS["lora"].trainable_parameters(build_model(cfg, 10, None, 3))
     assert set(delta) == set(trainable)
     model = load_task_model(world["store"], cfg, {"model": manifest, **inputs}, seed=3)
-    assert accuracy(model, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy"]
+    assert accuracy(model, shards_uri(world, "digits"), "test", 32) == manifest.metrics["test_accuracy"]
 
 
 def test_the_checkpoint_best_on_val_is_kept_when_validation_peaks_mid_run(world: dict) -> None:
@@ -55,7 +55,7 @@ def test_the_checkpoint_best_on_val_is_kept_when_validation_peaks_mid_run(world:
     metrics = manifest.metrics
     assert 0 < metrics["best_step"] < 24, metrics  # validation peaked after the start, before the end
     stored = load_task_model(world["store"], cfg, {"model": manifest, **inputs}, seed=0)
-    assert accuracy(stored, world["digits"].outputs["uri"], "val", 32) == pytest.approx(metrics["best_score"])
+    assert accuracy(stored, shards_uri(world, "digits"), "val", 32) == pytest.approx(metrics["best_score"])
 
 
 def test_the_seed_reaches_head_and_method_initialisation() -> None:
@@ -88,7 +88,7 @@ def test_a_scale_grid_keeps_the_scale_best_on_val_and_the_model_loads_with_it(wo
     model = load_task_model(world["store"], cfg, {"model": manifest, **inputs}, seed=0)
     paths = [m for m in model.modules() if type(m).__name__ == "FacTPath"]
     assert paths and {p.scale for p in paths} == {metrics["scale"]}
-    assert accuracy(model, world["digits"].outputs["uri"], "test", 32) == metrics["test_accuracy"]
+    assert accuracy(model, shards_uri(world, "digits"), "test", 32) == metrics["test_accuracy"]
 
 
 @pytest.mark.parametrize(("method", "message"), [

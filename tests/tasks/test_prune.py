@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_stage, seeded_encoder
+from tests.conftest import run_stage, seeded_encoder, shards_uri
 from vitpipe.cluster.manifest import Manifest, StageWriter, read_bytes
 from vitpipe.cluster.store import LocalStore
 from vitpipe.cluster.tracking import Tracker
@@ -104,7 +104,7 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
 
     deploy = load(exported(world, manifest, tmp_path))
     assert deploy._tome_info.r == 4
-    assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == metrics["test_accuracy_after"]
+    assert accuracy(deploy, shards_uri(world, "digits"), "test", 32) == metrics["test_accuracy_after"]
     config = json.loads((tmp_path / "model.json").read_text())
     assert config["keep_ratio"] == 0.5 and config["preprocess"]["img_size"] == 32 and "peft" not in config
     assert [len(block["heads"]) for block in config["structure"]] == [2] * 4
@@ -140,7 +140,7 @@ def assert_served_as_pyfunc(world: dict, registered: dict[str, str], test_accura
         mlflow.set_registry_uri(None)
         mlflow.set_tracking_uri(None)
     assert served.metadata.signature is not None and served.metadata.saved_input_example_info is not None
-    images, labels = cached_split(world["digits"].outputs["uri"], "test", 32)
+    images, labels = cached_split(shards_uri(world, "digits"), "test", 32)
     answer = served.predict(images.permute(0, 2, 3, 1).numpy())
     classes = world["digits"].outputs["classes"]
     predicted = torch.tensor([classes.index(c) for c in answer["label"]])
@@ -160,7 +160,7 @@ def test_csgd_keeps_an_unmergeable_adapter_and_merges_tokens_beside_it(world: di
     assert out["tocom"] is None and out["registered"] is None
     deploy = load(exported(world, manifest, tmp_path))
     assert json.loads((tmp_path / "model.json").read_text())["peft"]["name"] == "bi_adapter"
-    assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy_after"]
+    assert accuracy(deploy, shards_uri(world, "digits"), "test", 32) == manifest.metrics["test_accuracy_after"]
 
 
 def test_resrep_global_selection_exports_blocks_of_different_widths(world: dict, tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_resrep_global_selection_exports_blocks_of_different_widths(world: dict,
     assert sum(w["mlp_hidden"] for w in widths) == 4 * 128 and sum(w["num_heads"] for w in widths) == 4 * 2
     assert manifest.metrics["convert_max_rel_diff"] < 1e-5, manifest.metrics  # exact, whatever the widths
     deploy = load(exported(world, manifest, tmp_path))
-    assert accuracy(deploy, world["digits"].outputs["uri"], "test", 32) == manifest.metrics["test_accuracy_after"]
+    assert accuracy(deploy, shards_uri(world, "digits"), "test", 32) == manifest.metrics["test_accuracy_after"]
 
 
 def test_pipeline_config_wires_prune_nodes_and_rejects_keep_ratio_zero() -> None:
