@@ -194,6 +194,8 @@ def train_loop(job: TrainJob, session: Session) -> None:
         config=deepspeed_config(cfg, world, on_gpu),
         dist_init_required=False,
     )
+    if cfg.compile:  # DeepSpeed's way (its hooks stay out of the graph); the module is compiled in place, so
+        engine.compile(backend=cfg.compile)  # parameter names, state dicts and checkpoints are the plain model's
 
     state = _resume(engine, session)
     if state["step"] == 0 and rank == 0:

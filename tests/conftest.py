@@ -139,6 +139,7 @@ def ray_local(s3_endpoint: str) -> Iterator[str]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always this test session's own, even beside a `ray start` cluster on the machine
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

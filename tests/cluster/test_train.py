@@ -64,6 +64,16 @@ def test_one_worker_follows_the_same_trajectory_in_this_process_and_in_ray_train
     assert ray_train.metrics == reference.metrics
 
 
+def test_a_compiled_model_trains_the_same_weights_under_the_same_names(reference, tmp_path: Path) -> None:
+    """torch.compile (its graph capture; the eager backend keeps this test quick on CPU) changes nothing a
+    checkpoint or a stage reads: the same losses and trainable state, under the plain model's names."""
+    compiled = fit(_job(tmp_path, "compiled", 1, compile="eager"))
+    assert torch.allclose(_losses(reference), _losses(compiled), rtol=1e-5, atol=1e-6)
+    assert compiled.state.keys() == reference.state.keys()
+    for name, value in reference.state.items():
+        assert torch.allclose(value, compiled.state[name], atol=1e-6), name
+
+
 def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path: Path) -> None:
     accum = fit(_job(tmp_path, "accum", 1, grad_accum=2))
     assert torch.allclose(_losses(reference), _losses(accum), rtol=1e-4, atol=1e-5)
