@@ -20,7 +20,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) tests/parallel.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_overhead.py

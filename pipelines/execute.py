@@ -69,10 +69,14 @@ class NodeEnv:
 def execute_node(node: Node, key: str, env: NodeEnv, roles: list[str], *upstream: Manifest) -> Manifest:
     """Run one node and commit its manifest; reuse a manifest another runner committed meanwhile."""
     started_at = time.time()
+    import torch
+
     from vitpipe.cluster.lease import claim_stage
     from vitpipe.cluster.manifest import canonical_json, load_manifest
     from vitpipe.cluster.store import open_store
 
+    # as many intra-op threads as CPUs the node holds: Ray reuses worker processes across nodes of any size
+    torch.set_num_threads(max(1, int(node.task_options()["num_cpus"])))
     store = open_store(env.store_uri, env.retry)
     done = load_manifest(store, node.kind, key)
     if done is not None:

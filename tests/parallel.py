@@ -1,0 +1,67 @@
+"""`make test`: the suite as two pytest processes at once, each with its own local Ray, MLflow server and S3
+server (every port is a free one; `ray_local` starts its own Ray).
+
+Most of the suite waits rather than computes: Ray, `ray start` clusters, MLflow and moto servers starting,
+subprocess CLIs, Ray Train controllers, lease and checkpoint timeouts. Run one process at a time, it keeps
+well under one of the CI machine's two cores busy (7 CPU-minutes in 18 minutes), so two shards side by side
+finish in about the time of the longer one. Each line is printed as it comes, prefixed with its shard; the exit
+code is the first non-zero one (pytest's 5, no tests collected, included).
+
+    python tests/parallel.py [PYTEST_ARGS ...]   # both shards
+    python -m pytest [PYTEST_ARGS ...] PATHS     # one process, e.g. a folder or a test (no sharding)
+
+Arguments that name test paths run those in one process instead of sharding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Shard 1 by folder; shard 2 is everything else (a new test folder lands there). Balanced by the per-folder
+# time of a serial run on the 2-core CI machine (BENCHMARKS.md, "Test suite").
+FIRST = ("tests/pipelines", "tests/tasks")
+
+
+def shard_commands(args: list[str]) -> list[list[str]]:
+    pytest = [sys.executable, "-m", "pytest"]
+    if any((ROOT / a.split("::")[0]).exists() for a in args if not a.startswith("-")):
+        return [pytest + args]
+    return [pytest + args + list(FIRST), pytest + args + ["tests"] + [f"--ignore={p}" for p in FIRST]]
+
+
+def main(args: list[str]) -> int:
+    commands = shard_commands(args)
+    started = time.monotonic()
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) for cmd in commands]
+    lock = threading.Lock()
+
+    def relay(i: int, proc: subprocess.Popen) -> None:
+        prefix = f"[{i + 1}/{len(procs)}] " if len(procs) > 1 else ""
+        for line in proc.stdout:
+            with lock:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+
+    threads = [threading.Thread(target=relay, args=(i, p)) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    codes = [p.wait() for p in procs]
+    for t in threads:
+        t.join()
+    took = time.monotonic() - started
+    names = [" ".join(FIRST), "the rest of tests/"] if len(procs) > 1 else [" ".join(args)]
+    for i, (name, code) in enumerate(zip(names, codes, strict=True)):
+        print(f"shard {i + 1} ({name}): exit code {code}")
+    print(f"{len(procs)} pytest process(es) in {took:.0f} s")
+    return next((c for c in codes if c != 0), 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
