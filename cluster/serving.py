@@ -44,9 +44,12 @@ class TaskClassifier(mlflow.pyfunc.PythonModel):
         if images.ndim != 4 or images.shape[1:] != (self.size, self.size, 3):
             raise ValueError(f"expected uint8 RGB images of shape (N, {self.size}, {self.size}, 3), "
                              f"got {images.shape}")
-        x = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        # as the stage measured it, to the bit: x / (255 std) - mean / std (uint8 / 127.5 - 1 for mean = std =
+        # 0.5), on a contiguous NCHW tensor. ToMe's token matching is discrete: a last-bit difference in the
+        # input (another rounding, a channels-last layout) can merge other tokens and change a prediction.
+        x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
         with torch.no_grad():
-            probs = self.model((x - self.mean) / self.std).softmax(-1).numpy()
+            probs = self.model(x.div(255.0 * self.std).sub(self.mean / self.std)).softmax(-1).numpy()
         best = probs.argmax(1)
         frame = pd.DataFrame({"label": [self.classes[i] for i in best], "probability": probs.max(1)})
         for i, name in enumerate(self.classes):

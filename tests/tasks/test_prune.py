@@ -4,6 +4,7 @@ artifact store, MLflow (SQLite) with its model registry; the exported model relo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,53 @@ def test_resrep_on_a_merged_fact_model_with_tome_and_tocom(world: dict, tmp_path
     assert len(ours) == 1 and str(ours[0].status) in ("READY", "LoggedModelStatus.READY")
     assert version.source == ours[0].artifact_location  # the version is the logged model
     assert_served_as_pyfunc(world, out["registered"], metrics["test_accuracy_after"])
+    assert_served_over_http(world, out["registered"], deploy)
+
+
+def assert_served_over_http(world: dict, registered: dict[str, str], deploy: torch.nn.Module) -> None:
+    """`mlflow models serve` on loopback answers /invocations as models.deploy.load's model does, bit for bit:
+    the same classes and probabilities (ToMe's matching is discrete, so serving must compute exactly what the
+    stage measured: the same normalisation and memory layout)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from vitpipe.tasks.classification import cached_split, normalize
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": world["tracker"].uri, "MLFLOW_REGISTRY_URI": world["tracker"].uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the venv's uvicorn
+    uri = f"models:/{registered['name']}/{registered['version']}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-2000:]
+                time.sleep(0.5)
+        images, _ = cached_split(shards_uri(world, "digits"), "test", 32)
+        images = images[:64]
+        body = json.dumps({"inputs": images.permute(0, 2, 3, 1).tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    classes = world["digits"].outputs["classes"]
+    with torch.no_grad():
+        probs = deploy(normalize(images)).softmax(-1)
+    assert [row["label"] for row in answer] == [classes[i] for i in probs.argmax(-1)]
+    assert [row["probability"] for row in answer] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-6)
 
 
 def assert_served_as_pyfunc(world: dict, registered: dict[str, str], test_accuracy: float) -> None:
