@@ -1,13 +1,13 @@
-"""`make test`: the suite as two pytest processes at once, each with its own local Ray, MLflow server and S3
+"""`make test`: the suite as three pytest processes at once, each with its own local Ray, MLflow server and S3
 server (every port is a free one; `ray_local` starts its own Ray).
 
 Most of the suite waits rather than computes: Ray, `ray start` clusters, MLflow and moto servers starting,
 subprocess CLIs, Ray Train controllers, lease and checkpoint timeouts. Run one process at a time, it keeps
-well under one of the CI machine's two cores busy (7 CPU-minutes in 18 minutes), so two shards side by side
-finish in about the time of the longer one. Each line is printed as it comes, prefixed with its shard; the exit
+well under one of the CI machine's two cores busy (8 CPU-minutes in 18 minutes), so shards side by side
+finish in about the time of the longest one. Each line is printed as it comes, prefixed with its shard; the exit
 code is the first non-zero one (pytest's 5, no tests collected, included).
 
-    python tests/parallel.py [PYTEST_ARGS ...]   # both shards
+    python tests/parallel.py [PYTEST_ARGS ...]   # all shards
     python -m pytest [PYTEST_ARGS ...] PATHS     # one process, e.g. a folder or a test (no sharding)
 
 Arguments that name test paths run those in one process instead of sharding.
@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Shard 1 by folder; shard 2 is everything else (a new test folder lands there). Balanced by the per-folder
-# time of a serial run on the 2-core CI machine (BENCHMARKS.md, "Test suite").
-FIRST = ("tests/pipelines", "tests/tasks")
+# The shards by folder, the last one is everything else (a new test folder lands there); balanced by the
+# per-folder times measured on the 2-core machine (BENCHMARKS.md, "Test suite").
+SHARDS = (("tests/pipelines",), ("tests/reliability", "tests/test_packaging.py", "tests/test_ray_cluster_yaml.py"))
 
 
 def shard_commands(args: list[str]) -> list[list[str]]:
     pytest = [sys.executable, "-m", "pytest"]
     if any((ROOT / a.split("::")[0]).exists() for a in args if not a.startswith("-")):
         return [pytest + args]
-    return [pytest + args + list(FIRST), pytest + args + ["tests"] + [f"--ignore={p}" for p in FIRST]]
+    named = [p for shard in SHARDS for p in shard]
+    return [pytest + args + list(s) for s in SHARDS] + [pytest + args + ["tests"] + [f"--ignore={p}" for p in named]]
 
 
 def main(args: list[str]) -> int:
@@ -56,7 +57,7 @@ def main(args: list[str]) -> int:
     for t in threads:
         t.join()
     took = time.monotonic() - started
-    names = [" ".join(FIRST), "the rest of tests/"] if len(procs) > 1 else [" ".join(args)]
+    names = [" ".join(s) for s in SHARDS] + ["the rest of tests/"] if len(procs) > 1 else [" ".join(args)]
     for i, (name, code) in enumerate(zip(names, codes, strict=True)):
         print(f"shard {i + 1} ({name}): exit code {code}")
     print(f"{len(procs)} pytest process(es) in {took:.0f} s")
