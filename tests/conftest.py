@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -154,7 +154,7 @@ def ray_local(s3_endpoint: str) -> Iterator[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -162,14 +162,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(url: str, proc: subprocess.Popen, output: Callable[[], str], timeout: float = 120) -> None:
+    """Poll `url` until it answers; a RuntimeError with the tail of `output()` if `proc` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[:4]} did not start serving {url}: {output()[-2000:]}") from None
+            time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """An `mlflow server` process (SQLite in `root`, its output in root/server.log) on a free loopback port."""
     import signal
-    import time
-    import urllib.request
 
-    port = _free_port()
+    port = free_port()
     env = {**(env if env is not None else os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -178,16 +192,7 @@ def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str] | None =
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log = (root / "server.log").read_text()[-2000:]
-                    raise RuntimeError(f"mlflow server did not start: {log}") from None
-                time.sleep(0.5)
+        wait_until_serving(f"{url}/health", proc, (root / "server.log").read_text)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import free_port
 from vitpipe.cluster.manifest import load_manifest
 from vitpipe.cluster.store import open_store
 from vitpipe.pipelines.dag import build_dag, stage_keys
@@ -34,14 +35,6 @@ SCALED_DOWN = (  # the demo pipeline, shrunk to one task, one method, a few step
     "stages.prune=null", "stages.finetune.methods=[linear]",
     "stages.finetune.train={steps: 8, batch_size: 32, warmup_steps: 1, checkpoint_every: 4, log_every: 4}",
 )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_ray_started_in(temp_dir: str) -> None:
@@ -71,15 +64,15 @@ def _stop_ray_started_in(temp_dir: str) -> None:
 def ray_head(s3_endpoint: str) -> Iterator[str]:
     """A 2-CPU Ray head with its dashboard (Jobs API) on loopback, in its own temp dir and ports."""
     temp_dir = tempfile.mkdtemp(prefix="vitpipe-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in NOT_ON_THE_CLUSTER}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}"]
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}"]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert started.returncode == 0, started.stderr[-3000:]
@@ -154,5 +147,5 @@ def test_a_failing_job_fails_submit_wait_and_unknown_jobs_are_one_line_errors(ra
     unknown = vitpipe("status", "vitpipe-no-such-job", "--address", ray_head, timeout=120)
     assert unknown.returncode == 2 and unknown.stderr.startswith("vitpipe: error: job vitpipe-no-such-job")
     assert len(unknown.stderr.strip().splitlines()) == 1
-    nowhere = vitpipe("status", "--address", f"http://127.0.0.1:{_free_port()}", timeout=120)
+    nowhere = vitpipe("status", "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
     assert nowhere.returncode == 2 and "cannot reach the Ray Jobs API" in nowhere.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_stage, seeded_encoder, shards_uri
+from tests.conftest import free_port, run_stage, seeded_encoder, shards_uri, wait_until_serving
 from vitpipe.cluster.manifest import Manifest, StageWriter, read_bytes
 from vitpipe.cluster.store import LocalStore
 from vitpipe.cluster.tracking import Tracker
@@ -130,17 +130,13 @@ def assert_served_over_http(world: dict, registered: dict[str, str], deploy: tor
     """`mlflow models serve` on loopback answers /invocations as models.deploy.load's model does, bit for bit:
     the same classes and probabilities (ToMe's matching is discrete, so serving must compute exactly what the
     stage measured: the same normalisation and memory layout)."""
-    import socket
     import subprocess
     import sys
-    import time
     import urllib.request
 
     from vitpipe.tasks.classification import cached_split, normalize
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": world["tracker"].uri, "MLFLOW_REGISTRY_URI": world["tracker"].uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the venv's uvicorn
     uri = f"models:/{registered['name']}/{registered['version']}"
@@ -148,14 +144,7 @@ def assert_served_over_http(world: dict, registered: dict[str, str], deploy: tor
                                "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-2000:]
-                time.sleep(0.5)
+        wait_until_serving(f"http://127.0.0.1:{port}/ping", server, server.stderr.read)
         images, _ = cached_split(shards_uri(world, "digits"), "test", 32)
         images = images[:64]
         body = json.dumps({"inputs": images.permute(0, 2, 3, 1).tolist()}).encode()
