@@ -194,7 +194,7 @@ def train_loop(job: TrainJob, session: Session) -> None:
         config=deepspeed_config(cfg, world, on_gpu),
         dist_init_required=False,
     )
-    if cfg.compile:  # DeepSpeed's way (its hooks stay out of the graph); the module is compiled in place, so
+    if cfg.compile:  # DeepSpeed's own call (it turns its NVTX ranges off); the module is compiled in place, so
         engine.compile(backend=cfg.compile)  # parameter names, state dicts and checkpoints are the plain model's
 
     state = _resume(engine, session)
