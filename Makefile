@@ -7,6 +7,10 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-builds a CPU op on first use; keep it with this checkout's venv (a cache shared by several
 # checkouts' venvs is rebuilt each time another venv uses it).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
+# ... and build it with this venv's ninja in every process (tests put the venv's bin first on PATH for the Ray
+# jobs and servers they start): the system's ninja 1.11 and the venv's 1.13 hash commands differently in the
+# shared .ninja_log, so each one rebuilt the op after the other (two rebuilds, ~130 CPU-s, in every test run).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test lint bench clean
 
