@@ -75,6 +75,7 @@ class StreamedBatches:
     columns: tuple[str, ...]
     transform: Callable[[tuple[torch.Tensor, ...], torch.Generator], Any] | None = None
     shuffle_buffer: int = 1024
+    prefetch_batches: int = 4  # made ready by Ray Data while the worker trains on the current one
 
     def __call__(self, ctx: DataContext) -> Iterator[Any]:
         if ctx.dataset_shard is None:
@@ -83,7 +84,8 @@ class StreamedBatches:
         chunk = 0
         for epoch in itertools.count():
             batches = shard.iter_torch_batches(
-                batch_size=ctx.micro_batch, drop_last=True, local_shuffle_buffer_size=self.shuffle_buffer,
+                batch_size=ctx.micro_batch, drop_last=True, prefetch_batches=self.prefetch_batches,
+                local_shuffle_buffer_size=self.shuffle_buffer,
                 local_shuffle_seed=hash((ctx.seed, ctx.start_step, ctx.rank, epoch)) % 2**31)
             for batch in batches:
                 tensors = tuple(batch[c] for c in self.columns)

@@ -8,7 +8,10 @@ randomly initialised encoder, so a run shows whether pretraining helped.
 from __future__ import annotations
 
 import functools
+import os
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +54,29 @@ def two_views(contrastive: bool, batch: tuple[torch.Tensor, torch.Tensor], gen: 
     return view, view
 
 
+def views_batch(batch: dict[str, np.ndarray], contrastive: bool) -> dict[str, np.ndarray]:
+    """Ray Data map: decoded images -> their views, computed on Ray Data's CPUs instead of the training
+    worker's ("view1", and "view2" when the contrastive branch is on). Fresh randomness per call, so every pass
+    over the stream draws new views (not reproducible, like the stream's order)."""
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    view1, view2 = two_views(contrastive, (torch.from_numpy(batch["image"]), None), gen)
+    return {"view1": view1.numpy(), "view2": view2.numpy()} if contrastive else {"view1": view1.numpy()}
+
+
+def _one_view_twice(batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0], batch[0]  # LocalMIM masks view1 itself: without the contrastive branch both are one view
+
+
+def streamed_views(corpus: str, size: int, contrastive: bool) -> tuple[StreamedBatches, dict[str, Any]]:
+    """The recipe's data and the job's datasets for a corpus streamed through Ray Data, decoded and augmented
+    there (see `views_batch`), so the training worker only trains."""
+    dataset = ray_dataset(corpus, size, "train").map_batches(
+        views_batch, batch_format="numpy", fn_kwargs={"contrastive": contrastive})
+    if contrastive:
+        return StreamedBatches("train", ("view1", "view2")), {"train": dataset}
+    return StreamedBatches("train", ("view1",), _one_view_twice), {"train": dataset}
+
+
 def pretrain_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     return model(*batch)
 
@@ -71,12 +97,11 @@ def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> St
     corpus = DataOutputs.of(inputs["corpus"]).uri(ctx.store)
     size = cfg.backbone.img_size
     contrastive = cfg.objective.weights.get("infocl", 0) > 0
-    views = functools.partial(two_views, contrastive)
     if cfg.loader == "ray_data":
-        data = StreamedBatches("train", ("image", "label"), views)
-        datasets = {"train": ray_dataset(corpus, size, "train")}
+        data, datasets = streamed_views(corpus, size, contrastive)
     else:
-        data, datasets = TensorBatches(functools.partial(cached_split, corpus, "train", size), views), {}
+        load = functools.partial(cached_split, corpus, "train", size)
+        data, datasets = TensorBatches(load, functools.partial(two_views, contrastive)), {}
     init = starting_weights(ctx.store, {}, cfg.backbone)  # continued pretraining when backbone.weights is set
     recipe = Recipe(functools.partial(PretrainModel, cfg.backbone, cfg.objective, init), data, pretrain_loss)
     fitted = ctx.fit(recipe, cfg.train, cfg.resources, datasets=datasets)

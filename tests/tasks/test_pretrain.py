@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from tests.conftest import run_stage
+from vitpipe.cluster.batches import DataContext
 from vitpipe.cluster.manifest import Manifest, read_bytes, read_weights
 from vitpipe.cluster.store import LocalStore
 from vitpipe.models.settings import ViTSpec
-from vitpipe.tasks.prepare.spec import DataNode
+from vitpipe.tasks.prepare.spec import DataNode, DataOutputs
 from vitpipe.tasks.pretrain.spec import PretrainNode
+from vitpipe.tasks.pretrain.stage import streamed_views
 
 OBJECTIVE = {"weights": {"localmim": 1.0, "infocl": 1.0},
              "localmim": {"taps": [1, 3], "scales": [2.0, 1.0], "weights": [1.0, 1.0], "dec_dim": 32, "dec_heads": 2},
@@ -70,3 +72,21 @@ def test_two_workers_track_one_worker_on_the_same_global_batches(world: dict) ->
     assert abs(one_losses[0] - two_losses[0]) < 0.1 * one_losses[0]  # same init, same first batch
     for window in (slice(0, 8), slice(8, 16), slice(16, 24)):
         assert float(one_losses[window].mean()) == pytest.approx(float(two_losses[window].mean()), rel=0.08)
+
+
+@pytest.mark.parametrize("contrastive", [True, False])
+def test_streamed_views_are_made_in_ray_data_and_fresh_each_pass(world: dict, contrastive: bool) -> None:
+    """The training worker gets finished views: decoding and augmentation ran in Ray Data's tasks."""
+    shards = DataOutputs.of(world["corpus"]).uri(world["store"])
+    data, datasets = streamed_views(shards, 32, contrastive)
+    assert datasets["train"].columns() == (["view1", "view2"] if contrastive else ["view1"])
+    first = datasets["train"].take_batch(16)["view1"]
+    again = datasets["train"].take_batch(16)["view1"]
+    assert first.dtype == "float32" and first.shape == (16, 3, 32, 32)
+    assert not (first == again).all(), "a second pass drew the same views"
+    assert -1.0 - 1e-6 <= first.min() and first.max() <= 1.0 + 1e-6  # normalised as the stage's inputs
+
+    ctx = DataContext(rank=0, world_size=1, micro_batch=8, grad_accum=1, start_step=0, steps=2, seed=0,
+                      dataset_shard=lambda name: datasets[name].iterator())
+    view1, view2 = next(iter(data(ctx)))
+    assert view1.shape == (8, 3, 32, 32) and (contrastive != (view1 is view2))
