@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -124,34 +124,55 @@ def corpus(uri: str, size: int, heldout: int, part: str) -> tuple[torch.Tensor]:
     return (x[:-heldout],) if part == "train" else (x[-heldout:],)
 
 
+@dataclass
+class FrozenSide:
+    """What the held-out KL takes from the frozen backbone alone: the teacher's features per (image batch, m)
+    and the KL without ToCom. They cannot change while only ToCom trains, so the first evaluation computes them
+    and the later ones reuse them (a third of the student passes and every teacher pass)."""
+
+    teacher: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    kl_without: float | None = None
+
+
 @torch.no_grad()
 def heldout_kl(model: SelfDistillation, x: torch.Tensor, pairs: list[tuple[int, int]], tau: float,
-               batch: int = 128) -> dict[str, float]:
+               batch: int = 128, frozen: FrozenSide | None = None) -> dict[str, float]:
     """KL(teacher@m || student@n) without and with ToCom Delta(m -> n), averaged over pairs and images;
-    x: (N, 3, S, S) uint8."""
+    x: (N, 3, S, S) uint8. `frozen`: the backbone's side from an earlier call on the same backbone and images
+    (filled here when empty)."""
+    frozen = frozen if frozen is not None else FrozenSide()
+    fill = frozen.kl_without is None
     device = model.backbone.patch_embed.proj.weight.device
-    total = {"heldout_kl_without": 0.0, "heldout_kl_with": 0.0}
+    without = with_ = 0.0
     for i in range(0, len(x), batch):
         xb = normalize(x[i:i + batch]).to(device)
         weight = len(xb) / (len(x) * len(pairs))
         for m in sorted({m for m, _ in pairs}):
-            teacher = model.features(xb, m).float()
+            if fill:
+                frozen.teacher[i, m] = model.features(xb, m).float()
+            teacher = frozen.teacher[i, m]
             for n in (n for mm, n in pairs if mm == m):
-                for name, delta in (("heldout_kl_without", None), ("heldout_kl_with", (m, n))):
-                    student = model.features(xb, n, delta).float()
-                    total[name] += weight * tocom_kl_loss(teacher, student, tau).item()
-    return {**total, "heldout_kl_ratio": total["heldout_kl_with"] / max(total["heldout_kl_without"], 1e-12)}
+                if fill:
+                    without += weight * tocom_kl_loss(teacher, model.features(xb, n).float(), tau).item()
+                with_ += weight * tocom_kl_loss(teacher, model.features(xb, n, (m, n)).float(), tau).item()
+    if fill:
+        frozen.kl_without = without
+    return {"heldout_kl_without": frozen.kl_without, "heldout_kl_with": with_,
+            "heldout_kl_ratio": with_ / max(frozen.kl_without, 1e-12)}
 
 
 def evaluate_distillation(cfg: DistillNode, encoder: BackboneWeights | None, seed: int, uri: str,
-                          pairs: list[tuple[int, int]], model: SelfDistillation) -> dict[str, float]:
-    """Rank 0, at each checkpoint: held-out KL, and whether the backbone still equals its initial weights."""
+                          pairs: list[tuple[int, int]], frozen: FrozenSide, model: SelfDistillation
+                          ) -> dict[str, float]:
+    """Rank 0, at each checkpoint: held-out KL, and whether the backbone still equals its initial weights
+    (only then is `frozen`, the backbone's side of the KL, reused)."""
     reference = build_backbone(cfg.backbone, encoder, seed).state_dict()
     now = model.backbone.state_dict()
     unchanged = now.keys() == reference.keys() and all(
         torch.equal(now[k].cpu(), reference[k].to(now[k].dtype)) for k in reference)
     x = corpus(uri, cfg.backbone.img_size, cfg.heldout, "heldout")[0]
-    return {"backbone_unchanged": float(unchanged), **heldout_kl(model, x, pairs, cfg.tau)}
+    kl = heldout_kl(model, x, pairs, cfg.tau, frozen=frozen if unchanged else None)
+    return {"backbone_unchanged": float(unchanged), **kl}
 
 
 def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> StageResult:
@@ -165,7 +186,7 @@ def run(ctx: StageContext, cfg: DistillNode, inputs: dict[str, Manifest]) -> Sta
         build_model=functools.partial(build_self_distillation, cfg, max_r, encoder, ctx.seed),
         data=WithDegreePairs(TensorBatches(functools.partial(corpus, uri, size, cfg.heldout, "train")), max_r),
         loss=functools.partial(distill_loss, cfg.tau),
-        evaluate=functools.partial(evaluate_distillation, cfg, encoder, ctx.seed, uri, pairs),
+        evaluate=functools.partial(evaluate_distillation, cfg, encoder, ctx.seed, uri, pairs, FrozenSide()),
     )
     fitted = ctx.fit(recipe, cfg.train, cfg.resources)
     if fitted.metrics.get("backbone_unchanged") != 1.0:

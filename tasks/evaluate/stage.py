@@ -31,13 +31,18 @@ def evaluate_degree(model: VisionTransformer, state: ToComPlug, uri: str, size: 
     """One row: test accuracy at r_tgt without ToCom, and with Delta(r_src -> r_tgt) at the s best on val.
 
     Degrees above the ToCom's R use Delta up to R: it has no sub-plugins beyond (and when R was clamped to
-    the token count, higher degrees are the same model anyway). Ties in val accuracy go to the first s.
+    the token count, higher degrees are the same model anyway). Ties in val accuracy go to the first s, as at
+    r_tgt = r_src, where Delta is zero and the row is the model without ToCom.
     """
     set_tome_r(model, r_tgt)
     state.enabled = False
     without, val_without = accuracy(model, uri, "test", size), accuracy(model, uri, "val", size)
+    delta = min(r_src, state.tocom.max_r), min(r_tgt, state.tocom.max_r)
+    if delta[0] == delta[1]:  # Delta(m -> m) is zero (models/tocom.py): with ToCom is this model, at every s
+        return DegreeRow(r_tgt=r_tgt, acc_without=without, acc_with=without, scale=tocom_scales[0],
+                         val_without=val_without, val_with=val_without, tocom_delta=delta)
     state.enabled = True
-    state.source_r, state.target_r = min(r_src, state.tocom.max_r), min(r_tgt, state.tocom.max_r)
+    state.source_r, state.target_r = delta
     val = {}
     for scale in tocom_scales:
         state.scale = scale

@@ -120,11 +120,13 @@ def test_pipeline_runs_every_node_and_tracks_it_in_mlflow(first_run) -> None:
         assert tags["vitpipe.cached"] == "no" and child.info.status == "FINISHED"
         manifest = load_manifest(store, tags["vitpipe.stage.kind"], tags["vitpipe.stage.key"])
         assert manifest is not None and manifest.mlflow_run_id == child.info.run_id
-        # MLflow's duration is the node's: its run opens when the node is launched and closes when its manifest is
-        # back; the rest is Ray's dispatch and a fresh worker's start (well under 1 s idle, 3.3 s seen on a CI
-        # machine running two other test shards)
-        in_stage = manifest.timings["finished_at"] - manifest.timings["started_at"]
-        assert 0 <= (child.info.end_time - child.info.start_time) / 1000 - in_stage < 6, (tags, in_stage)
+        # MLflow's duration is the node's: its run opens when the node is launched, before the node's clock
+        # starts in its Ray task (Ray's dispatch and a fresh worker's start come between: well under 1 s idle,
+        # 6.7 s seen with two other test shards keeping both cores busy), and closes once the node has committed
+        # its manifest and logged it (under a second idle)
+        started, finished = (child.info.start_time / 1000, child.info.end_time / 1000)
+        assert 0 <= manifest.timings["started_at"] - started < 30, (tags, manifest.timings, started)
+        assert 0 <= finished - manifest.timings["finished_at"] < 10, (tags, manifest.timings, finished)
         assert "manifest.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         if tags["vitpipe.stage.kind"] == "finetune":
             assert set(json.loads(tags["vitpipe.upstream"])) == {"data", "backbone"}

@@ -18,6 +18,7 @@ from vitpipe.models.tocom import load_tocom
 from vitpipe.tasks.backbone import starting_weights
 from vitpipe.tasks.distill.spec import DistillNode
 from vitpipe.tasks.distill.stage import (
+    FrozenSide,
     WithDegreePairs,
     build_self_distillation,
     corpus,
@@ -82,10 +83,17 @@ def test_only_tocom_trains_and_the_backbone_check_sees_a_change(world: dict) -> 
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in model.named_parameters() if name.startswith("token_compensator.")}
     uri, pairs = shards_uri(world, "corpus"), degree_pairs(MAX_R)
-    assert evaluate_distillation(cfg, None, 0, uri, pairs, model.eval())["backbone_unchanged"] == 1.0
+    frozen = FrozenSide()
+    first = evaluate_distillation(cfg, None, 0, uri, pairs, frozen, model.eval())
+    assert first["backbone_unchanged"] == 1.0 and frozen.kl_without == first["heldout_kl_without"]
+    with torch.no_grad():  # ToCom moves: reusing the backbone's side must give what a fresh evaluation gives
+        for p in model.token_compensator.parameters():
+            p.add_(0.05)
+    again, fresh = (evaluate_distillation(cfg, None, 0, uri, pairs, f, model) for f in (frozen, FrozenSide()))
+    assert again == pytest.approx(fresh, rel=1e-6) and again["heldout_kl_with"] != first["heldout_kl_with"]
     with torch.no_grad():
         model.backbone.blocks[1].mlp.fc1.weight[0, 0] += 1e-6
-    assert evaluate_distillation(cfg, None, 0, uri, pairs, model)["backbone_unchanged"] == 0.0
+    assert evaluate_distillation(cfg, None, 0, uri, pairs, frozen, model)["backbone_unchanged"] == 0.0
 
 
 def test_distillation_lowers_heldout_kl_and_keeps_the_backbone(distilled) -> None:
@@ -146,8 +154,9 @@ def test_evaluate_rows_plot_and_identity_at_r_src(world: dict, distilled, finetu
         assert row["scale"] in cfg.tocom_scales and 0.0 <= row["acc_with"] <= 1.0
         assert manifest.metrics[f"acc_r{row['r_tgt']}"] == row["acc_without"]
         assert manifest.metrics[f"acc_tocom_r{row['r_tgt']}"] == row["acc_with"]
-    same = next(row for row in rows if row["r_tgt"] == r_src)
+    same = next(row for row in rows if row["r_tgt"] == r_src)  # Delta(m -> m) = 0: tests/models/test_tocom.py
     assert same["acc_with"] == same["acc_without"] and same["tocom_delta"] == [r_src, r_src]
+    assert same["val_with"] == same["val_without"] and same["scale"] == cfg.tocom_scales[0]
     gains = [row["acc_with"] - row["acc_without"] for row in rows if row["r_tgt"] != r_src]
     assert manifest.metrics["tocom_gain_mean"] == pytest.approx(sum(gains) / 3)
     assert len({row["acc_without"] for row in rows}) > 1  # the model does react to r: the identity check has teeth
