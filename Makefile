@@ -4,12 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitpipe-installed
 CONFIG ?= pipelines/configs/demo.yaml
 PYTEST_ARGS ?=
-# DeepSpeed JIT-builds a CPU op on first use; keep it with this checkout's venv (a cache shared by several
-# checkouts' venvs is rebuilt each time another venv uses it).
+# An op DeepSpeed JIT-builds is kept with this checkout's venv and built with its ninja in every process (the
+# system's ninja and the venv's hash commands differently in one .ninja_log and rebuild each other's). vitpipe's
+# training builds none: cluster/train.py turns off the CPU inference op DeepSpeed would otherwise compile.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
-# ... and build it with this venv's ninja in every process (tests put the venv's bin first on PATH for the Ray
-# jobs and servers they start): the system's ninja 1.11 and the venv's 1.13 hash commands differently in the
-# shared .ninja_log, so each one rebuilt the op after the other (two rebuilds, ~130 CPU-s, in every test run).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test lint bench clean

@@ -24,27 +24,11 @@ os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
 
 # Fixtures that start or reach a Ray instance: modules using them train through Ray Train + DeepSpeed.
 RAY_FIXTURES = {"ray_local", "ray_head", "ray_tmp"}
-_warmup: subprocess.Popen | None = None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Start building DeepSpeed's CPU communication op in the background (JIT-compiled on first use,
-    about 90 s on a fresh 2-core machine, then cached under TORCH_EXTENSIONS_DIR) while the unit tests
-    run; a training worker that needs it before it is ready waits on torch's build lock, never compiles
-    it twice. Where it is cached already, this only imports DeepSpeed once."""
-    global _warmup
-    build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    _warmup = subprocess.Popen([sys.executable, "-c", build], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if _warmup is not None:
-        _warmup.wait()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Unit tests first, then the modules that train through Ray (module order kept within each group),
-    so the Ray-free tests report quickly and overlap the op build above."""
+    so the Ray-free tests report quickly."""
     uses_ray = {item.module for item in items if RAY_FIXTURES & set(item.fixturenames)}
     items.sort(key=lambda item: item.module in uses_ray)
 

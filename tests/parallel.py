@@ -1,11 +1,10 @@
 """`make test`: the suite as three pytest processes at once, each with its own local Ray, MLflow server and S3
 server (every port is a free one; `ray_local` starts its own Ray).
 
-Most of the suite waits rather than computes: Ray, `ray start` clusters, MLflow and moto servers starting,
-subprocess CLIs, Ray Train controllers, lease and checkpoint timeouts. Run one process at a time, it keeps
-well under one of the CI machine's two cores busy (8 CPU-minutes in 18 minutes), so shards side by side
-finish in about the time of the longest one. Each line is printed as it comes, prefixed with its shard; the exit
-code is the first non-zero one (pytest's 5, no tests collected, included).
+One pytest process at a time left one of the CI machine's two cores idle (Ray, MLflow and moto servers starting,
+subprocess CLIs, lease and checkpoint timeouts); with three shards side by side both cores are busy from start to
+end, so the run takes about the suite's CPU time over two. Each line is printed as it comes, prefixed with its
+shard; the exit code is the first non-zero one (pytest's 5, no tests collected, included).
 
     python tests/parallel.py [PYTEST_ARGS ...]   # all shards
     python -m pytest [PYTEST_ARGS ...] PATHS     # one process, e.g. a folder or a test (no sharding)

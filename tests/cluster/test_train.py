@@ -57,6 +57,9 @@ def test_two_zero2_workers_follow_the_single_worker_trajectory(reference, tmp_pa
 
 def test_one_worker_follows_the_same_trajectory_in_this_process_and_in_ray_train(reference, tmp_path: Path) -> None:
     assert _job(tmp_path, "here", 1).resources.in_process  # the reference trained in this process
+    from deepspeed.comm import comm
+
+    assert comm.cdb.shm_comm_op is None  # DeepSpeed's CPU inference op was neither built nor loaded
     ray_train = fit(_job(tmp_path, "ray-train", 1, launcher="ray_train"))
     assert torch.equal(_losses(reference), _losses(ray_train))
     for name, value in reference.state.items():
