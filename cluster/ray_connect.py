@@ -15,8 +15,16 @@ import ray
 
 from vitpipe.cluster.progress import ProgressBoard
 
-RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-LOCAL_RAY_TRAIN_POLL_S = "0.2"
+# Ray Train settings for a Ray this process starts on its own machine (the environment still decides: setdefault).
+# The controller polls its workers every 2 s by default and a stage waits several polls (start, every report,
+# finish): locally, where stages are short, poll every 0.2 s. A local node is never preempted, so no preemption
+# watcher (a Ray actor per fit, ~2 CPU-s to start) polls its drain state. A cluster's raylets keep their own.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def local_ray_train_env() -> None:
+    for name, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -28,10 +36,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, num_gpu
     if address:
         ray.init(address=address, **quiet)
     else:
-        # A local Ray runs many short training stages: Ray Train's controller polls its workers every 2 s by
-        # default, and each stage waits several polls (start, every report, finish). Poll faster locally;
-        # the environment still decides (a cluster's raylets carry their own environment).
-        os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
+        local_ray_train_env()
         loopback_only()
         # address="local": always a new Ray of our own; plain ray.init() would join whatever cluster this
         # machine runs (another user's `ray start`, a test cluster) through Ray's current-cluster file.

@@ -15,11 +15,11 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
-from vitpipe.cluster.ray_connect import LOCAL_RAY_TRAIN_POLL_S, RAY_TRAIN_POLL_ENV
+from vitpipe.cluster.ray_connect import local_ray_train_env
 
-# Every Ray the tests start (in-process, `ray start`, a CLI subprocess) polls Ray Train workers as the
-# runner's local Ray does, not every 2 s: the tests run dozens of short training stages.
-os.environ.setdefault(RAY_TRAIN_POLL_ENV, LOCAL_RAY_TRAIN_POLL_S)
+# Every Ray the tests start (in-process, `ray start`, a CLI subprocess) runs Ray Train as the runner's local Ray
+# does (workers polled every 0.2 s, no preemption watcher): the tests run dozens of short training stages.
+local_ray_train_env()
 
 
 # Fixtures that start or reach a Ray instance: modules using them train through Ray Train + DeepSpeed.
