@@ -309,6 +309,8 @@ class _Run:
             for node in self.nodes:
                 self.open_node(node)
             if self.waiting:
+                path = critical_path(self.nodes)
+                self.waiting.sort(key=lambda node: path[node.name], reverse=True)
                 self.start_ray()
                 try:
                     self.follow()
@@ -335,6 +337,20 @@ class _Run:
             for name, columns in section.tables.items():
                 self.tracker.log_table(self.parent, columns, name)
         print_summary(summary.outcomes, sections, self.out)
+
+
+def critical_path(nodes: list[Node]) -> dict[str, int]:
+    """Each node's work plus the most work on any path below it. Ready nodes launch longest path first: the
+    corpus before the task data (pretraining waits on it), a fine-tune that pruning follows before one that
+    nothing does, pruning before evaluation; a fan-out then ends together rather than on one late chain."""
+    below: dict[str, list[str]] = {n.name: [] for n in nodes}
+    for node in nodes:
+        for dep in node.deps.values():
+            below[dep].append(node.name)
+    path: dict[str, int] = {}
+    for node in reversed(nodes):  # topological order: every dependent is done first
+        path[node.name] = node.work + max((path[d] for d in below[node.name]), default=0)
+    return path
 
 
 def source_tags(pipeline: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from vitpipe.cluster.config import Resources
+from vitpipe.cluster.config import Resources, TrainConfig
 from vitpipe.tasks.config import Frozen
 
 
@@ -38,6 +38,11 @@ class Node:
     def resources(self) -> Resources | None:
         """The training workers the node asks for (None: it trains nothing)."""
         return getattr(self.cfg, "resources", None)
+
+    @property
+    def work(self) -> int:
+        """A rough size of the node for scheduling: the optimizer steps of all its training phases, at least 1."""
+        return max(1, sum(value.steps for _, value in self.cfg if isinstance(value, TrainConfig)))
 
     def demand(self) -> dict[str, float]:
         """Cluster resources the node occupies while it runs (its task plus its training workers)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +37,6 @@ def digits_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = str(tmp_path_factory.mktemp("digits"))
     prepare("digits", uri, seed=0, rows_per_shard=700)
     return uri
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -309,7 +298,7 @@ def test_s3_round_trip_matches_local(tmp_path: Path, s3_bucket: str) -> None:
     assert torch.equal(x_local, x_remote) and torch.equal(y_local, y_remote)
 
 
-def test_ray_dataset_streams_decoded_batches(digits_uri: str, local_ray: None, tmp_path: Path) -> None:
+def test_ray_dataset_streams_decoded_batches(digits_uri: str, ray_local: str, tmp_path: Path) -> None:
     ds = ray_dataset(digits_uri, 16)
     batches = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
     first = batches[0]
