@@ -34,6 +34,19 @@ def test_demo_dag_wires_pretrain_distill_finetune_and_evaluate() -> None:
         assert all(order.index(dep) < order.index(node.name) for dep in node.deps.values())
 
 
+def test_ready_nodes_launch_longest_remaining_path_first() -> None:
+    from vitpipe.pipelines.runner import critical_path
+
+    nodes = build_dag(load_config(DEMO))
+    path = critical_path(nodes)
+    work = {n.name: n.work for n in nodes}
+    assert work["prune/faces/fact_tt"] == 60 + 30 and work["evaluate/faces/lora"] == 1  # train + recover steps
+    assert path["data/corpus"] > path["pretrain"] > path["distill"] == path["finetune/faces/fact_tt"]
+    # a fine-tune that pruning follows, before one that only evaluation follows; pruning before evaluation
+    assert path["finetune/faces/fact_tt"] > path["finetune/faces/lora"] > path["prune/faces/fact_tt"]
+    assert path["prune/faces/fact_tt"] > path["evaluate/faces/fact_tt"] == 1
+
+
 def test_keys_are_stable_and_change_only_downstream_of_an_edit() -> None:
     base = keys()
     assert base == keys()
