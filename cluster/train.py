@@ -174,16 +174,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     train_loop(config["job"], RayTrainSession())
 
 
-def _without_deepspeed_inference_op() -> None:
-    """DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce for CPU inference the first time a process
-    starts it (~90 CPU-s on a fresh 2-core machine, plus a C++ toolchain). Training reduces through the torch
-    process group (gloo, NCCL), never through that op, so it is marked unavailable instead of built: DeepSpeed
-    keeps the probe's result in this one dict for the process's life, and reads it when the backend starts."""
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def train_loop(job: TrainJob, session: Session) -> None:
     """The loop of one rank: build, resume, step, log, evaluate, checkpoint (nothing else)."""
     import deepspeed
@@ -194,8 +184,12 @@ def train_loop(job: TrainJob, session: Session) -> None:
     device = torch.device(f"cuda:{session.local_rank}" if on_gpu else "cpu")
     torch.manual_seed(job.seed)
 
+    # DeepSpeed's comm backend would JIT-compile a shared-memory all-reduce for CPU inference the first time a
+    # process starts it (~90 CPU-s on a fresh 2-core machine, and a C++ toolchain). Training reduces through the
+    # torch process group (gloo, NCCL), never through that op: it is marked unavailable instead of built
+    # (DeepSpeed keeps this dict for the process's life and reads it when the backend starts).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     model = recipe.build_model()
-    _without_deepspeed_inference_op()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
     engine, _, _, _ = deepspeed.initialize(

@@ -71,6 +71,20 @@ def stage_keys(nodes: list[Node], seed: int, version: str) -> dict[str, str]:
     return keys
 
 
+def critical_path(nodes: list[Node]) -> dict[str, int]:
+    """Each node's work plus the most work on any path below it. The runner launches ready nodes longest path
+    first: the pretraining chain, then fine-tunes that a prune follows before those that only an evaluation
+    follows, pruning before evaluation, so a fan-out ends on short nodes rather than on one late chain."""
+    below: dict[str, list[str]] = {n.name: [] for n in nodes}
+    for node in nodes:
+        for dep in node.deps.values():
+            below[dep].append(node.name)
+    path: dict[str, int] = {}
+    for node in reversed(nodes):  # topological order: every dependent is done first
+        path[node.name] = node.work + max((path[d] for d in below[node.name]), default=0)
+    return path
+
+
 def plan(cfg: PipelineConfig) -> list[tuple[Node, str, str]]:
     """(node, key, "cached" | "pending") in topological order; runs nothing and creates nothing (a store that
     does not exist yet has nothing cached)."""

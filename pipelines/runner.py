@@ -32,7 +32,7 @@ from vitpipe.cluster.ray_connect import connect_ray, progress_board
 from vitpipe.cluster.retry import DiskFull, TransientError, disk_full, task_retry_options
 from vitpipe.cluster.store import ArtifactStore, open_store
 from vitpipe.cluster.tracking import Tracker, flatten
-from vitpipe.pipelines.dag import build_dag, stage_keys
+from vitpipe.pipelines.dag import build_dag, critical_path, stage_keys
 from vitpipe.pipelines.execute import NodeEnv, execute_node
 from vitpipe.pipelines.report import print_summary, stage_sections, summary_artifacts
 from vitpipe.pipelines.spec import PipelineConfig
@@ -337,20 +337,6 @@ class _Run:
             for name, columns in section.tables.items():
                 self.tracker.log_table(self.parent, columns, name)
         print_summary(summary.outcomes, sections, self.out)
-
-
-def critical_path(nodes: list[Node]) -> dict[str, int]:
-    """Each node's work plus the most work on any path below it. Ready nodes launch longest path first: the
-    corpus before the task data (pretraining waits on it), a fine-tune that pruning follows before one that
-    nothing does, pruning before evaluation; a fan-out then ends together rather than on one late chain."""
-    below: dict[str, list[str]] = {n.name: [] for n in nodes}
-    for node in nodes:
-        for dep in node.deps.values():
-            below[dep].append(node.name)
-    path: dict[str, int] = {}
-    for node in reversed(nodes):  # topological order: every dependent is done first
-        path[node.name] = node.work + max((path[d] for d in below[node.name]), default=0)
-    return path
 
 
 def source_tags(pipeline: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitpipe.pipelines.dag import build_dag, stage_keys
+from vitpipe.pipelines.dag import build_dag, critical_path, stage_keys
 from vitpipe.pipelines.spec import ConfigError, load_config
 from vitpipe.tasks.stages import STAGES
 
@@ -35,8 +35,6 @@ def test_demo_dag_wires_pretrain_distill_finetune_and_evaluate() -> None:
 
 
 def test_ready_nodes_launch_longest_remaining_path_first() -> None:
-    from vitpipe.pipelines.runner import critical_path
-
     nodes = build_dag(load_config(DEMO))
     path = critical_path(nodes)
     work = {n.name: n.work for n in nodes}
