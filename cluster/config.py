@@ -27,11 +27,25 @@ class TrainConfig(BaseModel):
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     checkpoint_every: int = Field(100, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="the stage's evaluation (best-on-val, held-out reports) "
+                                   "at the checkpoints on a multiple of this and at the last step; default: at "
+                                   "every checkpoint. A multiple of checkpoint_every")
     log_every: int = Field(10, gt=0)
     max_failures: int = Field(2, ge=-1)
     compile: str | None = Field(None, description="torch.compile the model with this backend, e.g. inductor: "
                                 "opt-in, for GPU workers, where it fuses the ViT's kernels (on CPU it mostly adds "
                                 "compile time); the weights and checkpoints are the same as without")
+
+    @model_validator(mode="after")
+    def _evaluations_fall_on_checkpoints(self) -> TrainConfig:
+        if self.eval_every is not None and self.eval_every % self.checkpoint_every:
+            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of checkpoint_every "
+                             f"({self.checkpoint_every}): evaluations happen at checkpoints")
+        return self
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the checkpoint at `step` runs the stage's evaluation."""
+        return step == self.steps or step % (self.eval_every or self.checkpoint_every) == 0
 
 
 class Resources(BaseModel):

@@ -285,15 +285,18 @@ def _evaluate_start(engine: Any, job: TrainJob, state: dict[str, Any]) -> None:
 
 
 def _checkpoint(engine: Any, job: TrainJob, state: dict[str, Any], step: int, session: Session) -> None:
-    """Evaluate (rank 0), keep the best trainable state, save a DeepSpeed checkpoint with this rank's
-    digests, report."""
+    """Evaluate (rank 0, when TrainConfig.evaluates_at the step), keep the best trainable state, save a DeepSpeed
+    checkpoint with this rank's digests, report."""
     recipe = job.recipe
     evaluation: dict[str, float] = {}
     if session.rank == 0:
-        if recipe.evaluate is not None:
+        skipped = recipe.evaluate is not None and not job.train.evaluates_at(step)  # TrainConfig.eval_every
+        if recipe.evaluate is not None and not skipped:
             evaluation = _evaluate(engine, job, step)
         score = evaluation.get(recipe.select_metric) if recipe.select_metric else None
-        if state["best_state"] is None or score is None or score > state["best"]["score"]:
+        # a checkpoint without an evaluation is no best-on-val candidate; without a selection, the last state is
+        candidate = not (skipped and recipe.select_metric)
+        if state["best_state"] is None or candidate and (score is None or score > state["best"]["score"]):
             state["best"] = {"score": score, "step": step, **evaluation}
             state["best_state"] = trainable_state(engine.module)
     with tempfile.TemporaryDirectory() as d:

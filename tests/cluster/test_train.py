@@ -102,6 +102,27 @@ def test_a_failed_run_resumes_from_its_checkpoint_in_s3_keeping_the_newest_two(r
     assert sorted({k.split("/")[3] for k in keys} - {""}) == ["checkpoint_000008", "checkpoint_000012"]  # "": a folder
 
 
+def test_eval_every_evaluates_on_its_multiples_and_at_the_end_and_selects_among_those(tmp_path: Path) -> None:
+    """A checkpoint between evaluations is no best-on-val candidate: the best is the best evaluated state."""
+    scores = iter([0.1, 0.9, 0.2])  # the evaluations at steps 0, 8 and 12
+
+    def scripted(model: nn.Module) -> dict[str, float]:
+        return {"accuracy": next(scores)}
+
+    logged: list[int] = []
+    cfg = TrainConfig(steps=12, batch_size=32, lr=1e-2, warmup_steps=2, checkpoint_every=4, eval_every=8, log_every=4)
+    recipe = Recipe(mlp, TensorBatches(digits_tensors), mlp_loss, evaluate=scripted, select_metric="accuracy")
+    job = TrainJob("every8", recipe, cfg, Resources(), str(tmp_path / "ray"), seed=3,
+                   on_log=lambda step, _, metrics: logged.extend([step] if "eval/accuracy" in metrics else []))
+    result = fit(job)
+    assert logged == [0, 8, 12]
+    assert result.metrics["best_step"] == 8 and result.metrics["accuracy"] == 0.9
+    assert [h["step"] for h in result.history] == list(range(1, 13))
+
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(checkpoint_every=4, eval_every=6)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_workers_stream_a_ray_dataset_for_several_passes(ray_local, tmp_path: Path, workers: int) -> None:
     import ray.data
