@@ -165,8 +165,10 @@ def evaluate_distillation(cfg: DistillNode, encoder: BackboneWeights | None, see
                           pairs: list[tuple[int, int]], frozen: FrozenSide, model: SelfDistillation
                           ) -> dict[str, float]:
     """Rank 0, at each checkpoint: held-out KL, and whether the backbone still equals its initial weights
-    (only then is `frozen`, the backbone's side of the KL, reused)."""
-    reference = build_backbone(cfg.backbone, encoder, seed).state_dict()
+    (only then is `frozen`, the backbone's side of the KL, reused). The training's random stream (ToCom's
+    dropout) goes on as if no evaluation had run: the reference backbone is seeded on a forked one."""
+    with torch.random.fork_rng(devices=[]):
+        reference = build_backbone(cfg.backbone, encoder, seed).state_dict()
     now = model.backbone.state_dict()
     unchanged = now.keys() == reference.keys() and all(
         torch.equal(now[k].cpu(), reference[k].to(now[k].dtype)) for k in reference)

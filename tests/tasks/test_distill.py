@@ -84,7 +84,9 @@ def test_only_tocom_trains_and_the_backbone_check_sees_a_change(world: dict) -> 
     assert trainable == {name for name, _ in model.named_parameters() if name.startswith("token_compensator.")}
     uri, pairs = shards_uri(world, "corpus"), degree_pairs(MAX_R)
     frozen = FrozenSide()
+    rng = torch.get_rng_state()
     first = evaluate_distillation(cfg, None, 0, uri, pairs, frozen, model.eval())
+    assert torch.equal(torch.get_rng_state(), rng)  # training's dropout stream is not reseeded by an evaluation
     assert first["backbone_unchanged"] == 1.0 and frozen.kl_without == first["heldout_kl_without"]
     with torch.no_grad():  # ToCom moves: reusing the backbone's side must give what a fresh evaluation gives
         for p in model.token_compensator.parameters():
