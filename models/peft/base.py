@@ -34,6 +34,7 @@ class PeftMethod:
     name: ClassVar[str]
     mergeable: ClassVar[bool] = False
     scopes: ClassVar[tuple[str, ...]] = ()
+    head_only: ClassVar[bool] = False  # nothing before the head trains: its inputs are fixed features
 
     @property
     def config_cls(self) -> type[PeftConfig]:

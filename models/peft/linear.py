@@ -12,3 +12,4 @@ class LinearProbe(PeftMethod):
 
     name: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
+    head_only: ClassVar[bool] = True

@@ -7,6 +7,7 @@ The checkpoint is picked on the validation split; the stage stores only what the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from vitpipe.models.heads import fold_whitening
 from vitpipe.models.peft import PEFT_METHODS
 from vitpipe.models.tome import apply_tome
 from vitpipe.tasks.backbone import BackboneWeights, backbone_identity, backbone_tag, starting_weights
-from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip, probed_head
+from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, features, flip, probed_head
 from vitpipe.tasks.finetune.spec import FinetuneNode, FinetuneOutputs, trained_node
 from vitpipe.tasks.prepare.spec import DataOutputs
 
@@ -82,6 +83,56 @@ def _val_accuracy(uri: str, size: int, model: nn.Module) -> dict[str, float]:
     return {"val_accuracy": accuracy(model, uri, "val", size)}
 
 
+def on_cached_features(cfg: FinetuneNode, train_images: int) -> bool:
+    """Whether the node trains its head on the frozen backbone's features, computed once: for a head-only method
+    (linear) whose training would see each image (each orientation, with flips) more than once. The same function
+    of the same batches (flips pick the flipped image's features with the same coins), at the cost of one
+    forward pass over the train and val splits instead of one per step."""
+    train = cfg.effective_train
+    views = train_images * (2 if cfg.augment else 1)
+    return PEFT_METHODS[cfg.method.name].head_only and train.steps * train.batch_size > views
+
+
+def _given(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tensors
+
+
+def _flip_features(batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flip` on cached features: (features, features of the flipped images, labels), the same coins."""
+    f, f_flipped, y = batch
+    coins = torch.rand(len(f), generator=gen) < 0.5
+    return torch.where(coins[:, None], f_flipped, f), y
+
+
+def _head_loss(head: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    f, y = batch
+    logits = head(f)
+    return nn.functional.cross_entropy(logits, y), {"train_accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def _head_val_accuracy(f: torch.Tensor, y: torch.Tensor, head: nn.Module) -> dict[str, float]:
+    logits = head(f.to(next(head.parameters()).device)).cpu()
+    return {"val_accuracy": float((logits.argmax(-1) == y).float().mean())}
+
+
+def head_recipe(model: nn.Module, uri: str, size: int, augment: bool) -> Recipe:
+    """The Recipe that trains `model.head` alone on `model`'s features of the train split (and of its flipped
+    images with `augment`), picked on the val split's; the backbone runs once here, on a GPU when this process
+    has one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = copy.deepcopy(model).to(device)
+    x, y = cached_split(uri, "train", size)
+    train = (features(backbone, x).cpu(), *([features(backbone, x.flip(-1)).cpu()] if augment else []), y)
+    val_x, val_y = cached_split(uri, "val", size)
+    return Recipe(
+        build_model=functools.partial(copy.deepcopy, model.head),
+        data=TensorBatches(functools.partial(_given, train), _flip_features if augment else None),
+        loss=_head_loss,
+        evaluate=functools.partial(_head_val_accuracy, features(backbone, val_x).cpu(), val_y),
+        select_metric="val_accuracy",
+    )
+
+
 def with_scale(cfg: FinetuneNode, scale: float) -> FinetuneNode:
     settings = {**cfg.method.config().model_dump(mode="json"), "scale": scale}
     return cfg.model_copy(update={"methods": (cfg.method.with_settings(settings),)})
@@ -111,6 +162,12 @@ def run(ctx: StageContext, cfg: FinetuneNode, inputs: dict[str, Manifest]) -> St
     head = starting_head(cfg, num_classes, backbone, backbone_identity(inputs, cfg.backbone), ctx.seed, uri)
 
     def fit(node: FinetuneNode, phase: str | None = None) -> Fitted:
+        if on_cached_features(node, len(train_split()[0])):
+            model = build_model(node, num_classes, backbone, ctx.seed, head)
+            fitted = ctx.fit(head_recipe(model, uri, size, node.augment), node.effective_train, node.resources,
+                             phase=phase)
+            model.head = fitted.model
+            return dataclasses.replace(fitted, model=model)
         recipe = Recipe(
             build_model=functools.partial(build_model, node, num_classes, backbone, ctx.seed, head),
             data=TensorBatches(train_split, flip if node.augment else None),

@@ -3,17 +3,23 @@ artifact store, a "pretrained" encoder (a seeded init) through the pipeline's ba
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from tests.conftest import run_stage, seeded_encoder, shards_uri
+from vitpipe.cluster.batches import TensorBatches
+from vitpipe.cluster.config import Resources
 from vitpipe.cluster.manifest import read_weights
 from vitpipe.cluster.store import LocalStore
+from vitpipe.cluster.train import Recipe, TrainJob, fit
 from vitpipe.models.peft import PEFT_METHODS
 from vitpipe.models.settings import ViTSpec
-from vitpipe.tasks.classification import accuracy
+from vitpipe.tasks.backbone import starting_weights
+from vitpipe.tasks.classification import accuracy, cached_split, classification_loss, flip
 from vitpipe.tasks.finetune.spec import FinetuneNode
-from vitpipe.tasks.finetune.stage import build_model, load_task_model
+from vitpipe.tasks.finetune.stage import build_model, head_recipe, load_task_model, on_cached_features
 from vitpipe.tasks.prepare.spec import DataNode
 
 ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 1}
@@ -104,3 +110,34 @@ def test_a_scale_grid_the_method_cannot_use_is_refused_at_load(method: dict, mes
 def test_the_paper_grid_is_the_methods_own() -> None:
     assert node({"name": "bi_adapter", "scale_grid": "paper"}).method.scales == (0.01, 0.1, 1.0, 10.0)
     assert node({"name": "fact_tt", "scale_grid": "paper"}).method.scales == (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_head_only_method_trains_on_cached_features_as_it_would_on_images(world: dict, tmp_path,
+                                                                            augment: bool) -> None:
+    """linear over more than one pass of the split trains on the frozen backbone's features, computed once: the
+    same batches, flips and head as training on the images (up to float rounding), through the stage too."""
+    cfg = node({"name": "linear", "lr": 1e-2}, steps=80).model_copy(update={"augment": augment, "head_init": "random"})
+    uri = shards_uri(world, "digits")
+    train_images = len(cached_split(uri, "train", 32)[0])
+    assert on_cached_features(cfg, train_images) and not on_cached_features(cfg, 80 * 32)
+    backbone = starting_weights(world["store"], {"backbone": world["backbone"]}, cfg.backbone)
+    on_images = Recipe(functools.partial(build_model, cfg, 10, backbone, 0), TensorBatches(
+        functools.partial(cached_split, uri, "train", 32), flip if augment else None), classification_loss,
+        evaluate=lambda model: {"val_accuracy": accuracy(model, uri, "val", 32)}, select_metric="val_accuracy")
+    jobs = {name: TrainJob(name, recipe, cfg.effective_train, Resources(), str(tmp_path / "ray"))
+            for name, recipe in (("images", on_images),
+                                 ("features", head_recipe(build_model(cfg, 10, backbone, 0), uri, 32, augment)))}
+    images, features = fit(jobs["images"]), fit(jobs["features"])
+    assert torch.allclose(torch.tensor([h["loss"] for h in images.history]),
+                          torch.tensor([h["loss"] for h in features.history]), rtol=1e-4)
+    for name in ("weight", "bias"):
+        assert torch.allclose(images.state[f"head.{name}"], features.state[name], atol=1e-5)
+    assert images.metrics["best_step"] == features.metrics["best_step"]
+
+    manifest = run_stage(world["store"], world["tmp"], "finetune", f"digits-cached-{augment}", cfg,
+                         {"data": world["digits"], "backbone": world["backbone"]})
+    stored = load_task_model(world["store"], cfg, {"model": manifest, "data": world["digits"],
+                                                   "backbone": world["backbone"]}, seed=0)
+    assert accuracy(stored, uri, "test", 32) == manifest.metrics["test_accuracy"]
+    assert torch.allclose(stored.head.weight, images.state["head.weight"], atol=1e-5)
