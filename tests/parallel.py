@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The shards by folder (and the pretrain tests, the heaviest module of the rest), the last one is everything else (a
-# new test folder lands there); balanced by the times measured on the 2-core machine (BENCHMARKS.md, "Test suite").
-SHARDS = (("tests/pipelines",),
-          ("tests/reliability", "tests/tasks/test_pretrain.py", "tests/test_packaging.py",
-           "tests/test_ray_cluster_yaml.py"))
+# The shards by folder, the last one is everything else (a new test folder lands there); balanced by the
+# per-folder times measured on the 2-core machine (BENCHMARKS.md, "Test suite").
+SHARDS = (("tests/pipelines",), ("tests/reliability", "tests/test_packaging.py", "tests/test_ray_cluster_yaml.py"))
 
 
 def shard_commands(args: list[str]) -> list[list[str]]:
