@@ -27,8 +27,9 @@ def test_second_runner_waits_for_the_first_and_reuses_its_outputs(ray_local: str
         "tracking_uri": mlflow_server, "tasks": {"faces": {"source": "faces"}},
         "stages": {"finetune": {
             "methods": ["linear"],
-            # long enough (~10 s here) for the second runner to arrive while the first one trains
-            "train": {"steps": 400, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 100, "log_every": 50},
+            # long enough (~10 s here) for the second runner to arrive while the first one trains (linear trains on
+            # cached features: 400 steps took 7.5 s)
+            "train": {"steps": 800, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 200, "log_every": 100},
             "resources": {"num_workers": 1, "cpus_per_worker": 1}}},
     }
     path = tmp_path / "race.yaml"
