@@ -290,12 +290,12 @@ def _checkpoint(engine: Any, job: TrainJob, state: dict[str, Any], step: int, se
     recipe = job.recipe
     evaluation: dict[str, float] = {}
     if session.rank == 0:
-        skipped = recipe.evaluate is not None and not job.train.evaluates_at(step)  # TrainConfig.eval_every
-        if recipe.evaluate is not None and not skipped:
+        evaluated = recipe.evaluate is not None and job.train.evaluates_at(step)  # TrainConfig.eval_every
+        if evaluated:
             evaluation = _evaluate(engine, job, step)
         score = evaluation.get(recipe.select_metric) if recipe.select_metric else None
-        # a checkpoint without an evaluation is no best-on-val candidate; without a selection, the last state is
-        candidate = not (skipped and recipe.select_metric)
+        # best-on-val weighs evaluated checkpoints only; without a selection the last state is the result
+        candidate = evaluated or recipe.evaluate is None or recipe.select_metric is None
         if state["best_state"] is None or candidate and (score is None or score > state["best"]["score"]):
             state["best"] = {"score": score, "step": step, **evaluation}
             state["best_state"] = trainable_state(engine.module)
