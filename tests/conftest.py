@@ -15,11 +15,12 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
-from vitpipe.cluster.ray_connect import local_ray_train_env
+from vitpipe.cluster.ray_connect import local_ray_env
 
-# Every Ray the tests start (in-process, `ray start`, a CLI subprocess) runs Ray Train as the runner's local Ray
-# does (workers polled every 0.2 s, no preemption watcher): the tests run dozens of short training stages.
-local_ray_train_env()
+# Every Ray the tests start (in-process, `ray start`, a CLI subprocess) runs Ray Train and Ray Data as the runner's
+# local Ray does (workers polled every 0.2 s, no preemption watcher, one Parquet footer reader): the tests run
+# dozens of short training stages.
+local_ray_env()
 
 
 # Fixtures that start or reach a Ray instance: modules using them train through Ray Train + DeepSpeed.

@@ -298,9 +298,18 @@ def test_s3_round_trip_matches_local(tmp_path: Path, s3_bucket: str) -> None:
     assert torch.equal(x_local, x_remote) and torch.equal(y_local, y_remote)
 
 
+def _footer_readers() -> int:
+    """Ray Data's Parquet footer-reader actors this Ray has started so far (dead ones included)."""
+    from ray._private import state
+
+    return sum(a["ActorClassName"] == "FooterReader" for a in state.actors().values())
+
+
 def test_ray_dataset_streams_decoded_batches(digits_uri: str, ray_local: str, tmp_path: Path) -> None:
     ds = ray_dataset(digits_uri, 16)
+    readers = _footer_readers()
     batches = list(ds.iter_batches(batch_size=256, batch_format="numpy"))
+    assert _footer_readers() - readers == 1, "a pass read its shards' footers with more than one actor"
     first = batches[0]
     assert first["image"].shape == (256, 3, 16, 16) and first["image"].dtype == np.uint8
     assert first["label"].dtype == np.int64
