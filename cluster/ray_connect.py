@@ -22,16 +22,11 @@ from vitpipe.cluster.progress import ProgressBoard
 LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-# Ray Data settings for every Ray vitpipe uses (its datasets are Parquet shards of encoded images), where Ray
-# 2.60's defaults cost its streams (docs/decisions.md):
-# - A pass over Parquet files starts by reading their footers in a pool of actors that it starts and kills, 32 by
-#   default: ~1.5 CPU-s each to start, ~48 CPU-s a pass for a stage's few shards. One actor reads footers on 128
-#   IO threads, enough for thousands of shard files.
-# - Row groups are packed into read tasks of up to 128 MiB of column bytes, here compressed images: a shard's 1536
-#   64-px crops made one task and one 37 MB block of decoded views, so the stream sat idle while training used the
-#   block up, then training waited ~4 s for the next. At 1 MiB every row group (256 images, tasks/data/shards.py)
-#   is a task of its own: small blocks, decoded ahead while training runs.
-RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1", "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(2**20)}
+# Ray Data settings for every Ray vitpipe uses (docs/decisions.md). A pass over Parquet files starts by reading
+# their footers in a pool of actors that it starts and kills, 32 by default (Ray 2.60): ~1.5 CPU-s each to start,
+# ~48 CPU-s per epoch or `take` for a stage's few shards. One actor reads footers on 128 IO threads, enough for
+# thousands of shard files.
+RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
 def local_ray_env() -> None:
