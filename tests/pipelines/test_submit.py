@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port
 from vitpipe.cluster.manifest import load_manifest
+from vitpipe.cluster.ray_connect import RAY_DATA_ENV
 from vitpipe.cluster.store import open_store
 from vitpipe.pipelines.dag import build_dag, stage_keys
 from vitpipe.pipelines.spec import load_config
@@ -29,7 +30,8 @@ DEMO = ROOT / "pipelines" / "configs" / "demo.yaml"
 BIN = Path(sys.executable).parent
 # The head gets none of these: the job must receive what it needs through `vitpipe submit`.
 NOT_ON_THE_CLUSTER = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                      "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
+                      "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI",
+                      *RAY_DATA_ENV)  # a driver that joins the cluster brings these
 SCALED_DOWN = (  # the demo pipeline, shrunk to one task, one method, a few steps, no pretraining
     "tasks={faces: {source: faces}}", "stages.pretrain=null", "stages.distill=null", "stages.evaluate=null",
     "stages.prune=null", "stages.finetune.methods=[linear]",
@@ -149,3 +151,30 @@ def test_a_failing_job_fails_submit_wait_and_unknown_jobs_are_one_line_errors(ra
     assert len(unknown.stderr.strip().splitlines()) == 1
     nowhere = vitpipe("status", "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
     assert nowhere.returncode == 2 and "cannot reach the Ray Jobs API" in nowhere.stderr
+
+
+# A job whose driver joins the cluster through connect_ray and prints what a task of its sees of RAY_DATA_ENV.
+READ_BACK = """
+import os, ray
+from vitpipe.cluster.ray_connect import RAY_DATA_ENV, connect_ray
+connect_ray("auto")
+print("seen", ray.get(ray.remote(lambda: {n: os.environ.get(n) for n in RAY_DATA_ENV}).remote()))
+"""
+SUBMIT_AND_WAIT = """
+import shlex, sys, time
+from ray.job_submission import JobStatus
+from vitpipe.cluster.submit import connect
+client = connect(sys.argv[1])
+job = client.submit_job(entrypoint="python -c " + shlex.quote(sys.argv[2]))
+while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    time.sleep(0.5)
+print(client.get_job_status(job), client.get_job_logs(job))
+"""
+
+
+def test_a_driver_that_joins_the_cluster_gives_its_workers_the_ray_data_settings(ray_head: str) -> None:
+    """The head runs without RAY_DATA_ENV: the job's driver brings it to its workers (runtime_env)."""
+    done = subprocess.run([sys.executable, "-c", SUBMIT_AND_WAIT, ray_head, READ_BACK], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("SUCCEEDED"), done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"seen {RAY_DATA_ENV}" in done.stdout
