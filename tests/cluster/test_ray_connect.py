@@ -1,4 +1,5 @@
-"""The Ray settings a driver takes to a cluster it joins (a local Ray inherits them: tests/tasks/test_data.py)."""
+"""The Ray settings a driver takes to a cluster it joins (end to end on a `ray start` head:
+tests/pipelines/test_submit.py; a local Ray inherits them: tests/tasks/test_data.py)."""
 
 from __future__ import annotations
 
