@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,11 @@ class StreamedBatches:
     stream across workers); each worker reads `columns` in micro-batches with a seeded local shuffle and
     re-reads the stream for as many passes as the steps need. Unlike TensorBatches, the sample order
     depends on the worker count and a resumed run starts a fresh pass: the price of streaming.
+
+    Ray Data starts a stream again at every pass (it lists the shards and reads and maps the first blocks before
+    the first batch: seconds). Where the shard is the whole Dataset (a one-worker job in the node's process), the
+    next pass starts while this one is consumed, so training does not wait at the seam; Ray Train's split of a
+    multi-worker job runs one pass at a time.
     """
 
     name: str
@@ -81,16 +87,67 @@ class StreamedBatches:
         if ctx.dataset_shard is None:
             raise RuntimeError(f"StreamedBatches({self.name!r}) runs only inside `fit`, which hands it the dataset")
         shard = ctx.dataset_shard(self.name)
-        chunk = 0
-        for epoch in itertools.count():
-            batches = shard.iter_torch_batches(
-                batch_size=ctx.micro_batch, drop_last=True, prefetch_batches=self.prefetch_batches,
-                local_shuffle_buffer_size=self.shuffle_buffer,
-                local_shuffle_seed=hash((ctx.seed, ctx.start_step, ctx.rank, epoch)) % 2**31)
-            for batch in batches:
-                tensors = tuple(batch[c] for c in self.columns)
-                if self.transform is not None:
-                    gen = torch.Generator().manual_seed(hash((ctx.seed, ctx.start_step, ctx.rank, chunk)) % 2**63)
-                    tensors = self.transform(tensors, gen)
-                chunk += 1
-                yield tensors
+        passes = (shard.iter_torch_batches(
+            batch_size=ctx.micro_batch, drop_last=True, prefetch_batches=self.prefetch_batches,
+            local_shuffle_buffer_size=self.shuffle_buffer,
+            local_shuffle_seed=hash((ctx.seed, ctx.start_step, ctx.rank, epoch)) % 2**31)
+            for epoch in itertools.count())
+        chain = overlapped(passes) if _runs_passes_at_once(shard) else one_by_one(passes)
+        for chunk, batch in enumerate(chain):
+            tensors = tuple(batch[c] for c in self.columns)
+            if self.transform is not None:
+                gen = torch.Generator().manual_seed(hash((ctx.seed, ctx.start_step, ctx.rank, chunk)) % 2**63)
+                tensors = self.transform(tensors, gen)
+            yield tensors
+        raise RuntimeError(f"dataset {self.name!r}: a pass over it held no full micro-batch of {ctx.micro_batch} rows")
+
+
+def _runs_passes_at_once(shard: Any) -> bool:
+    """A Ray Dataset runs each iteration as its own execution; Ray Train's split iterator has one at a time."""
+    import ray.data
+
+    return isinstance(shard, ray.data.Dataset)
+
+
+_END = object()
+
+
+def one_by_one(passes: Iterator[Iterable[Any]]) -> Iterator[Any]:
+    """The items of each pass in turn, each pass started when the one before it ends; stops at an empty pass."""
+    for items in passes:
+        it = iter(items)
+        first = next(it, _END)
+        if first is _END:
+            return
+        yield first
+        yield from it
+
+
+def overlapped(passes: Iterator[Iterable[Any]]) -> Iterator[Any]:
+    """The items of each pass in turn, each pass started (its first item fetched on a thread) once the one before
+    it has given its first item; stops at an empty pass. Closing it closes the passes it started."""
+    started: list[Iterator[Any]] = []  # not yet closed
+    head: Future | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="vitpipe-next-pass") as pool:
+        try:
+            current = iter(next(passes))
+            started.append(current)
+            first = next(current, _END)
+            while first is not _END:
+                following = iter(next(passes))
+                started.append(following)
+                head = pool.submit(next, following, _END)
+                yield first
+                yield from current
+                _close(started.pop(0))
+                current, first, head = following, head.result(), None
+        finally:
+            if head is not None:
+                wait([head])  # a generator cannot be closed while the thread is inside it
+            for it in started:
+                _close(it)
+
+
+def _close(it: Iterator[Any]) -> None:
+    if hasattr(it, "close"):
+        it.close()

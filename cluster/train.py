@@ -7,6 +7,7 @@ ranks, so N workers follow the same loss trajectory as one worker with the same 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -210,6 +211,17 @@ def train_loop(job: TrainJob, session: Session) -> None:
         DataContext(rank, world, cfg.batch_size // (world * cfg.grad_accum), cfg.grad_accum,
                     state["step"], cfg.steps, job.seed, session.dataset_shard)
     )
+    with contextlib.closing(data) if hasattr(data, "close") else contextlib.nullcontext():
+        _train_steps(engine, job, state, data, session, device)  # closing the data stops a stream's next pass
+    if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
+        _checkpoint(engine, job, state, cfg.steps, session)
+    engine.destroy()
+
+
+def _train_steps(engine: Any, job: TrainJob, state: dict[str, Any], data: Iterator[Any], session: Session,
+                 device: torch.device) -> None:
+    """Optimizer steps from state["step"] to the last, logging and checkpointing on their schedule."""
+    cfg, recipe, rank, world = job.train, job.recipe, session.rank, session.world
     tracked = StepMetrics(device)
     window_start, window_images = time.perf_counter(), 0
     for step in range(state["step"], cfg.steps):
@@ -237,9 +249,6 @@ def train_loop(job: TrainJob, session: Session) -> None:
                 job.on_log(done, cfg.steps, metrics)
         if checkpoint_now:
             _checkpoint(engine, job, state, done, session)
-    if state["step"] >= cfg.steps:  # restored from the final checkpoint: report it again as the result
-        _checkpoint(engine, job, state, cfg.steps, session)
-    engine.destroy()
 
 
 def _resume(engine: Any, session: Session) -> dict[str, Any]:
