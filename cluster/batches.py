@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,8 @@ class StreamedBatches:
             local_shuffle_buffer_size=self.shuffle_buffer,
             local_shuffle_seed=hash((ctx.seed, ctx.start_step, ctx.rank, epoch)) % 2**31)
             for epoch in itertools.count())
-        chain = overlapped(passes) if _runs_passes_at_once(shard) else one_by_one(passes)
+        needed = (ctx.steps - ctx.start_step) * ctx.grad_accum
+        chain = overlapped(passes, needed) if _runs_passes_at_once(shard) else one_by_one(passes)
         for chunk, batch in enumerate(chain):
             tensors = tuple(batch[c] for c in self.columns)
             if self.transform is not None:
@@ -123,28 +124,39 @@ def one_by_one(passes: Iterator[Iterable[Any]]) -> Iterator[Any]:
         yield from it
 
 
-def overlapped(passes: Iterator[Iterable[Any]]) -> Iterator[Any]:
+def overlapped(passes: Iterator[Iterable[Any]], needed: int | None = None) -> Iterator[Any]:
     """The items of each pass in turn, each pass started (its first item fetched on a thread) once the one before
-    it has given its first item; stops at an empty pass. Closing it closes the passes it started."""
-    started: list[Iterator[Any]] = []  # not yet closed
-    head: Future | None = None
-    with ThreadPoolExecutor(1, thread_name_prefix="vitpipe-next-pass") as pool:
-        try:
-            current = iter(next(passes))
-            started.append(current)
-            first = next(current, _END)
-            while first is not _END:
-                following = iter(next(passes))
-                started.append(following)
-                head = pool.submit(next, following, _END)
-                yield first
-                yield from current
-                _close(started.pop(0))
-                current, first, head = following, head.result(), None
-        finally:
-            if head is not None:
-                wait([head])  # a generator cannot be closed while the thread is inside it
-            for it in started:
+    it has given its first item, unless `needed` items will be given before it (a pass taken to be as long as the
+    last whole one); stops at an empty pass. Closing it closes the passes it started."""
+    started: list[Iterator[Any]] = []  # not yet closed, the current pass first
+    head: Future | None = None  # the following pass's first item
+    pool = ThreadPoolExecutor(1, thread_name_prefix="vitpipe-next-pass")
+    given, last = 0, 0
+    try:
+        started.append(iter(next(passes)))
+        first = next(started[0], _END)
+        while first is not _END:
+            if needed is None or given + last < needed:
+                started.append(iter(next(passes)))
+                head = pool.submit(next, started[1], _END)
+            yield first
+            last = 1
+            for item in started[0]:
+                yield item
+                last += 1
+            given += last
+            _close(started.pop(0))
+            if head is None:
+                started.append(iter(next(passes)))
+                first = next(started[0], _END)
+            else:
+                first, head = head.result(), None
+    finally:
+        pool.shutdown(wait=False)
+        for it in started:
+            if head is not None and it is started[-1]:  # closed once the thread has left it
+                head.add_done_callback(lambda _, it=it: _close(it))
+            else:
                 _close(it)
 
 
