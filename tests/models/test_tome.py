@@ -195,3 +195,24 @@ def test_parallel_adapter_blocks_merge_before_their_mlp_and_adapter() -> None:
         for block in patched.blocks:
             torch.nn.init.zeros_(block.adapter.up.weight)
         assert not torch.allclose(patched(x), merged, atol=1e-4)
+
+
+def test_merging_and_a_plugged_tocom_compile_to_one_graph() -> None:
+    """The GPU path (train.compile, bench_gpu --compile) compiles a merging model whole: matching, merging, the
+    size-biased SDPA and ToCom's hooks in one graph (fullgraph fails on any break back to Python), with the same
+    outputs as eager."""
+    from vitpipe.models.tocom import TokenCompensator, plug
+
+    model = apply_tome(tiny_vit(), r=4)
+    tocom = TokenCompensator(depth=len(model.blocks), width=model.embed_dim, max_r=8).eval()
+    for name, weight in tocom.named_parameters():  # B starts at zero: give Delta a value to carry
+        torch.nn.init.normal_(weight, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    plug(model, tocom, 0, 4, scale=1.0)
+    x = images()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # graph capture, no C++ build
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        assert tome_info(model).token_counts == expected_counts(65, 4, len(model.blocks), cls=True)
+        plugged = model(x)
+        model._tocom_plug.enabled = False
+        assert not torch.allclose(plugged, model(x), atol=1e-4), "the plugged ToCom changed nothing"
