@@ -17,7 +17,6 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -41,7 +40,15 @@ class GroupedConnection(nn.Module):
         if init == "uniform":
             nn.init.uniform_(self.weight, -1e-3, 1e-3)
         perm = channel_shuffle(in_features, groups) if shuffle else torch.arange(in_features)
+        self.register_buffer("perm", perm if shuffle else None, persistent=False)
         self.register_buffer("inverse_perm", torch.argsort(perm), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Group by group: (..., in) -> (..., g, in / g) -> (..., g, out / g) -> (..., out); g times fewer
+        multiply-adds than the dense matrix."""
+        if self.perm is not None:
+            x = x[..., self.perm]
+        return torch.einsum("...gi,goi->...go", x.unflatten(-1, (self.weight.shape[0], -1)), self.weight).flatten(-2)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) matrix of this map: block diagonal in the reordered input coordinates.
@@ -67,8 +74,9 @@ class ConsolidatorBranch(nn.Module):
         self.drop_path = DropPath(cfg.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the branches run as their consolidated dense matrix: one matmul, and merge is exact by construction
-        return self.drop_path(F.linear(self.dropout(x), self.delta_weight(), self.bias))
+        x = self.dropout(x)
+        out = sum(grouped(x) for grouped in self.maps)
+        return self.drop_path(out if self.bias is None else out + self.bias)
 
     def delta_weight(self) -> torch.Tensor:
         """All branches consolidated into one (out, in) matrix."""

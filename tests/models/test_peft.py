@@ -210,6 +210,10 @@ def test_fact_slices_and_consolidator_groups_have_their_structure() -> None:
     delta = model.blocks[0].mlp.fc2.branch.delta_weight()  # (64, 256)
     assert delta.count_nonzero() <= 64 * 256 // 8 + 64 * 256 // 32
     assert delta.count_nonzero() > 64 * 256 // 8
+    branch = model.blocks[0].mlp.fc2.branch.eval()  # trains group by group, merges as that dense matrix
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        assert torch.allclose(branch(x), torch.nn.functional.linear(x, delta, branch.bias), atol=1e-6)
 
 
 def test_every_method_has_its_torch_free_settings_and_no_other() -> None:
