@@ -79,9 +79,9 @@ def test_streamed_views_are_made_in_ray_data_and_fresh_each_pass(world: dict, co
     """The training worker gets finished views: decoding and augmentation ran in Ray Data's tasks."""
     shards = DataOutputs.of(world["corpus"]).uri(world["store"])
     data, datasets = streamed_views(shards, 32, contrastive)
-    assert datasets["train"].columns() == (["view1", "view2"] if contrastive else ["view1"])
-    first = datasets["train"].take_batch(16)["view1"]
-    again = datasets["train"].take_batch(16)["view1"]
+    batch = datasets["train"].take_batch(16)
+    assert list(batch) == (["view1", "view2"] if contrastive else ["view1"])
+    first, again = batch["view1"], datasets["train"].take_batch(16)["view1"]
     assert first.dtype == "float32" and first.shape == (16, 3, 32, 32)
     assert not (first == again).all(), "a second pass drew the same views"
     assert -1.0 - 1e-6 <= first.min() and first.max() <= 1.0 + 1e-6  # normalised as the stage's inputs
