@@ -17,9 +17,17 @@ def hog_targets(images: torch.Tensor, cell: int, nbins: int = 9) -> torch.Tensor
     over cell x cell pixels, then L2-normalised over the bins of each cell and channel (a cell with
     no gradient stays all zero). Output channel c * nbins + b holds colour c, orientation bin b.
     """
+    return hog_pyramid(images, (cell,), nbins)[0]
+
+
+@torch.no_grad()
+def hog_pyramid(images: torch.Tensor, cells: tuple[int, ...], nbins: int = 9) -> list[torch.Tensor]:
+    """`hog_targets(images, cell, nbins)` for each cell size, the per-pixel histograms computed once (LocalMIM
+    asks for four cell sizes of the same images: the gradients and their binning were 3/4 of the work)."""
     b, c, h, w = images.shape
-    if h % cell or w % cell:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the HOG cell {cell}")
+    for cell in cells:
+        if h % cell or w % cell:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the HOG cell {cell}")
     padded = F.pad(images.float(), (1, 1, 1, 1), mode="reflect")
     # Separable Sobel: [1, 2, 1] smoothing across, [-1, 0, 1] difference along. A difference of two
     # reflected copies is exactly 0, so border pixels get no spurious orientation from rounding.
@@ -32,8 +40,12 @@ def hog_targets(images: torch.Tensor, cell: int, nbins: int = 9) -> torch.Tensor
     # not from x. Matched here, so the bins are the reference's (with atan2(gy, gx) 90% of pixels differ).
     angle = torch.atan2(gx, gy) % math.pi
     bins = (angle / (math.pi / nbins)).long().clamp_(max=nbins - 1)
-    hist = torch.zeros(b, c, nbins, h, w, device=images.device)
-    hist.scatter_(2, bins[:, :, None], magnitude[:, :, None])
-    hist = F.avg_pool2d(hist.view(b, c * nbins, h, w), cell).view(b, c, nbins, h // cell, w // cell)
-    norm = hist.square().sum(dim=2, keepdim=True).sqrt().clamp_min(1e-12)  # F.normalize, minus its slow strided norm
-    return (hist / norm).flatten(1, 2).to(images.dtype)
+    pixels = torch.zeros(b, c, nbins, h, w, device=images.device)
+    pixels.scatter_(2, bins[:, :, None], magnitude[:, :, None])
+    pixels = pixels.view(b, c * nbins, h, w)
+    targets = []
+    for cell in cells:
+        hist = (F.avg_pool2d(pixels, cell) if cell > 1 else pixels).view(b, c, nbins, h // cell, w // cell)
+        norm = hist.square().sum(dim=2, keepdim=True).sqrt().clamp_min(1e-12)  # F.normalize, minus its slow norm
+        targets.append((hist / norm).flatten(1, 2).to(images.dtype))
+    return targets

@@ -17,7 +17,7 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from vitpipe.models.hog import hog_targets
+from vitpipe.models.hog import hog_pyramid
 from vitpipe.models.settings import LocalMIMConfig
 
 
@@ -171,10 +171,10 @@ class LocalMIM(nn.Module):
         """One scalar per tap: HOG-target MSE averaged over the masked cells (weighted by the resampled mask)."""
         features, mask, ids_restore = encode_visible(vit, images, self.cfg.mask_ratio, self.taps, generator)
         losses = []
-        per_tap = zip(features, self.local_decoders, self.cfg.scales, self.cells, strict=True)
-        for feature, decoder, scale, cell in per_tap:
+        targets = hog_pyramid(images, tuple(self.cells), self.cfg.nbins)
+        per_tap = zip(features, self.local_decoders, self.cfg.scales, targets, strict=True)
+        for feature, decoder, scale, target in per_tap:
             prediction = decoder(feature, ids_restore)
-            target = hog_targets(images, cell, self.cfg.nbins)
             weight = mask_at_scale(mask, self.grid, scale)
             per_cell = (prediction.float() - target).pow(2).mean(dim=1)
             losses.append((per_cell * weight).sum() / weight.sum())

@@ -13,7 +13,7 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 from timm.models.vision_transformer import VisionTransformer
 
-from vitpipe.models.hog import hog_targets
+from vitpipe.models.hog import hog_pyramid, hog_targets
 from vitpipe.models.mim import (
     LocalDecoder,
     LocalMIM,
@@ -83,6 +83,15 @@ def test_hog_matches_a_pixel_loop_reference(cell: int) -> None:
     image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(cell))
     expected = torch.tensor(reference_hog(image.double().numpy(), cell), dtype=torch.float32).flatten(0, 1)
     assert torch.allclose(hog_targets(image[None], cell)[0], expected, atol=1e-5)
+
+
+def test_hog_pyramid_matches_the_pixel_loop_reference_at_every_cell() -> None:
+    """LocalMIM's four targets come from one set of per-pixel histograms, each cell size pooled on its own."""
+    image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(5))
+    cells = (1, 2, 4, 8)
+    for cell, target in zip(cells, hog_pyramid(image[None], cells), strict=True):
+        expected = torch.tensor(reference_hog(image.double().numpy(), cell), dtype=torch.float32).flatten(0, 1)
+        assert torch.allclose(target[0], expected, atol=1e-5), cell
 
 
 @pytest.mark.parametrize(

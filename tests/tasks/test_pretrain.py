@@ -13,9 +13,10 @@ from vitpipe.cluster.batches import DataContext
 from vitpipe.cluster.manifest import Manifest, read_bytes, read_weights
 from vitpipe.cluster.store import LocalStore
 from vitpipe.models.settings import ViTSpec
+from vitpipe.tasks.classification import accuracy, cached_split, probed_head
 from vitpipe.tasks.prepare.spec import DataNode, DataOutputs
 from vitpipe.tasks.pretrain.spec import PretrainNode
-from vitpipe.tasks.pretrain.stage import streamed_views
+from vitpipe.tasks.pretrain.stage import linear_probe, streamed_views
 
 OBJECTIVE = {"weights": {"localmim": 1.0, "infocl": 1.0},
              "localmim": {"taps": [1, 3], "scales": [2.0, 1.0], "weights": [1.0, 1.0], "dec_dim": 32, "dec_heads": 2},
@@ -90,3 +91,16 @@ def test_streamed_views_are_made_in_ray_data_and_fresh_each_pass(world: dict, co
                       dataset_shard=lambda name: datasets[name].iterator())
     view1, view2 = next(iter(data(ctx)))
     assert view1.shape == (8, 3, 32, 32) and (contrastive != (view1 is view2))
+
+
+def test_the_probe_figure_is_where_a_linear_task_model_starts(world: dict) -> None:
+    """The stage's probe accuracy is the test accuracy of the head the finetune stage starts from (whitened
+    features, logistic regression at its optimum) on the same frozen encoder, not another probe's."""
+    uri = DataOutputs.of(world["digits"]).uri(world["store"])
+    torch.manual_seed(3)
+    encoder = ViTSpec().build(num_classes=0)
+    model = ViTSpec().build(num_classes=10)
+    model.load_state_dict(encoder.state_dict(), strict=False)  # the same trunk, with a classification head
+    model.head = probed_head(model, *cached_split(uri, "train", 32))
+    assert linear_probe(encoder, uri, 32) == pytest.approx(accuracy(model, uri, "test", 32), abs=1e-6)
+    assert linear_probe(encoder, uri, 32) > 0.5  # ten classes: far above chance even on random features
