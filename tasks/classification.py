@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vitpipe.models.heads import probe_head
+from vitpipe.tasks.augment import random_flip
 from vitpipe.tasks.data import load_split
 
 
@@ -25,10 +26,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def flip(batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator):
-    """Random horizontal flip, one coin per image."""
+    """Random horizontal flip of (images, labels), one coin per image."""
     x, y = batch
-    coins = torch.rand(len(x), generator=gen) < 0.5
-    return torch.where(coins[:, None, None, None], x.flip(-1), x), y
+    return random_flip(x, gen), y
 
 
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
