@@ -56,7 +56,8 @@ class LocalMIMConfig(BaseModel):
     taps: tuple[int, ...] = Field((1, 3, -3, -1), description="0-based block indices; negative count from the top")
     scales: tuple[float, ...] = Field((4.0, 2.0, 1.0, 0.5), description="target scale per tap vs the patch grid")
     weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    dec_dim: int = Field(256, gt=0)
+    dec_dim: int = Field(256, gt=0, description="width of each tap's decoder; the paper's 256 is a third of "
+                         "ViT-B's width: keep it well below a narrower encoder's (docs/methods.md)")
     dec_heads: int = Field(8, gt=0)
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     nbins: int = Field(9, gt=0)
