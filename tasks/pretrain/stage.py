@@ -92,9 +92,10 @@ def linear_probe(vit: nn.Module, uri: str, size: int) -> float:
     x_train, y_train = cached_split(uri, "train", size)
     x_test, y_test = cached_split(uri, "test", size)
     train_features = features(vit, x_train)
-    head = probe_head(nn.Linear(train_features.shape[1], int(y_train.max()) + 1), train_features, y_train)
+    head = nn.Linear(train_features.shape[1], int(y_train.max()) + 1, device=train_features.device)
+    head = probe_head(head, train_features, y_train)
     with torch.no_grad():
-        return float((head(features(vit, x_test)).argmax(-1) == y_test).float().mean())
+        return float((head(features(vit, x_test)).argmax(-1).cpu() == y_test).float().mean())
 
 
 def run(ctx: StageContext, cfg: PretrainNode, inputs: dict[str, Manifest]) -> StageResult:
