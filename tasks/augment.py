@@ -21,8 +21,9 @@ def _uniform(n: int, gen: torch.Generator, low: float, high: float) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values[:, None, None, None]
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) draws (made on the generator's device, the CPU) -> (B, 1, 1, 1) on the images' device."""
+    return values.to(like.device)[:, None, None, None]
 
 
 def crop_boxes(n: int, h: int, w: int, gen: torch.Generator, scale: tuple[float, float] = (0.2, 1.0),
@@ -49,14 +50,15 @@ def random_resized_crop(images: torch.Tensor, gen: torch.Generator, scale: tuple
     does for the cropped image (a crop never shrinks, so antialiasing has nothing to do); at the box's edge the
     sample may blend in the pixel just outside the box where the crop would repeat its edge pixel."""
     b, _, h, w = images.shape
-    boxes = torch.cat([torch.arange(b, dtype=images.dtype)[:, None], crop_boxes(b, h, w, gen, scale, ratio)], dim=1)
+    boxes = torch.cat([torch.arange(b)[:, None], crop_boxes(b, h, w, gen, scale, ratio)], dim=1)
+    boxes = boxes.to(images.device, images.dtype)
     return roi_align(images, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
 
 
 def random_flip(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Horizontal flip, one coin per image."""
     coins = torch.rand(len(images), generator=gen) < 0.5
-    return torch.where(_per_image(coins), images.flip(-1), images)
+    return torch.where(_per_image(coins, images), images.flip(-1), images)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,8 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (_per_image(factor) * images + (1 - _per_image(factor)) * other).clamp(0, 1)
+    factor = _per_image(factor, images)
+    return (factor * images + (1 - factor) * other).clamp(0, 1)
 
 
 def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -89,9 +92,9 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # H = 2 * i + (next - previous) / C for the largest channel i, (next, previous) its cyclic neighbours
     sides = images[:, [1, 2, 0]] - images[:, [2, 0, 1]]
     hue = (2 * largest + sides.gather(1, largest) / chroma.clamp_min(1e-12)) * (chroma > 0)
-    hue = hue + 6 * shift[:, None, None, None]
+    hue = hue + 6 * _per_image(shift, images)
     # HSV -> RGB: channel k is V - C * clamp(min(p, 4 - p), 0, 1), p = (n_k + H) mod 6 for n = 5, 3, 1
-    p = (_HSV_OFFSETS + hue).remainder(6)
+    p = (_HSV_OFFSETS.to(images.device) + hue).remainder(6)
     return value - chroma * torch.minimum(p, 4 - p).clamp(0, 1)
 
 
@@ -108,9 +111,10 @@ def colour_distort(images: torch.Tensor, gen: torch.Generator, strength: float =
         for k, op in enumerate(ops):  # each op on just the images that take it at this position
             chosen = (jitter & (order[:, position] == k)).nonzero()[:, 0]
             if len(chosen):
-                out[chosen] = op(out[chosen], factors[k][chosen])
+                rows = chosen.to(out.device)
+                out[rows] = op(out[rows], factors[k][chosen])
     grey = torch.rand(n, generator=gen) < 0.2
-    return torch.where(_per_image(grey), grayscale(out).expand_as(out), out)
+    return torch.where(_per_image(grey, out), grayscale(out).expand_as(out), out)
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
