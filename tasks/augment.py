@@ -2,7 +2,7 @@
 
 images: uint8 (B, 3, H, W) in, float in [-1, 1] out. Every image draws its own crop, flip and colour factors, as
 with per-image transforms, but each transform is a few batched tensor ops: per-image torchvision calls (64 crops
-and 256 colour adjustments for a SimCLR batch of 64) took 43 ms a view on 2 CPU threads, in the training
+and 256 colour adjustments for a SimCLR batch of 64) took 43-53 ms a view on 2 CPU threads, in the training
 worker or in Ray Data's map tasks.
 """
 
